@@ -1,0 +1,29 @@
+"""Benchmark entry point: ``python -m benchmarks FAMILY [options]``.
+
+Families: sparse, iso, permute, quant, checkpoint. Each writes
+``benchmarks/results/<family>_<device>.json`` and ``.md`` (see benchmarks/common.py).
+"""
+import importlib
+import sys
+
+FAMILIES = {
+    "sparse": "benchmarks.bench_sparse",
+    "iso": "benchmarks.bench_iso",
+    "permute": "benchmarks.bench_permute",
+    "quant": "benchmarks.bench_quant",
+    "checkpoint": "benchmarks.bench_checkpoint",
+}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in FAMILIES:
+        print(__doc__)
+        print("usage: python -m benchmarks {" + ",".join(FAMILIES) + "} [--help]")
+        return 2
+    mod = importlib.import_module(FAMILIES[argv[0]])
+    return mod.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Build for wweight.
+
+* Pure-Python package ``wweight`` plus the Triton kernels, shipped as ``wweight.kernels``
+  (mapped from the top-level ``kernels/`` folder so users never set PYTHONPATH).
+* ``wweight._cuda``: CUDA kernels bound with pybind11 over raw device pointers. Built with
+  ``nvcc`` whenever it is found; it does NOT need a CUDA build of torch (torch is not even
+  imported at build time), so CPU-only build machines with nvcc produce it too.
+  ``WWEIGHT_BUILD_CUDA=0`` skips it, ``WWEIGHT_BUILD_CUDA=1`` makes a failure fatal.
+  ``WWEIGHT_CUDA_ARCHS`` (default ``80;90``) picks the SASS targets; PTX of the highest one
+  is embedded too so newer GPUs can JIT it. ninja runs the compile jobs in parallel when
+  present.
+"""
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_nvcc():
+    cand = os.environ.get("NVCC") or shutil.which("nvcc")
+    if cand:
+        return cand
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return None
+
+
+class NvccExtension(Extension):
+    pass
+
+
+class BuildExt(build_ext):
+    """Builds the nvcc extension; an extension that is skipped or fails (in auto mode) is dropped
+    from ``self.extensions`` so setuptools does not look for its output afterwards."""
+
+    def build_extensions(self):
+        for ext in list(self.extensions):
+            if isinstance(ext, NvccExtension):
+                if not self._build_nvcc(ext):
+                    self.extensions.remove(ext)
+            else:
+                self.build_extension(ext)
+
+    def _build_nvcc(self, ext):
+        flag = os.environ.get("WWEIGHT_BUILD_CUDA", "auto").lower()
+        nvcc = _find_nvcc()
+        if flag in ("0", "off", "false", "no"):
+            print("wweight: WWEIGHT_BUILD_CUDA=0, skipping the CUDA extension")
+            return False
+        if nvcc is None:
+            if flag in ("1", "on", "true", "yes"):
+                raise RuntimeError("WWEIGHT_BUILD_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")
+            print("wweight: nvcc not found, building without the CUDA extension")
+            return False
+        try:
+            self._compile_cuda(ext, nvcc)
+            return True
+        except Exception as e:  # keep the pure-Python install usable
+            if flag in ("1", "on", "true", "yes"):
+                raise
+            print(f"wweight: WARNING: CUDA extension build failed ({e}); continuing without it")
+            return False
+
+    def _compile_cuda(self, ext, nvcc):
+        import pybind11
+
+        archs = [a.strip() for a in os.environ.get("WWEIGHT_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
+        gencode = []
+        for a in archs:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+        includes = [pybind11.get_include(), sysconfig.get_paths()["include"], os.path.join(ROOT, "csrc")]
+        cflags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+                  "-DNDEBUG", "-lineinfo"] + gencode + [f"-I{i}" for i in includes]
+        out = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = os.path.join(self.build_temp, "cuda")
+        os.makedirs(tmp, exist_ok=True)
+        objs = [os.path.join(tmp, os.path.basename(s) + ".o") for s in ext.sources]
+        link = [nvcc, "-shared", "-o", out] + objs + ["-Xcompiler", "-fPIC"] + gencode
+        ninja = shutil.which("ninja")
+        if ninja:
+            q = lambda a: " ".join(x.replace(" ", "$ ") for x in a)
+            lines = [
+                f"rule nvcc\n  command = {q([nvcc] + cflags)} -c $in -o $out\n  description = nvcc $in\n",
+                f"rule link\n  command = {q(link)}\n  description = link {os.path.basename(out)}\n",
+            ]
+            for s, o in zip(ext.sources, objs):
+                lines.append(f"build {q([o])}: nvcc {q([os.path.join(ROOT, s)])}\n")
+            lines.append(f"build {q([out])}: link {' '.join(q([o]) for o in objs)}\n")
+            with open(os.path.join(tmp, "build.ninja"), "w") as f:
+                f.write("\n".join(lines))
+            subprocess.check_call([ninja, "-C", tmp])
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def one(pair):
+                s, o = pair
+                subprocess.check_call([nvcc] + cflags + ["-c", os.path.join(ROOT, s), "-o", o])
+
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+                list(pool.map(one, zip(ext.sources, objs)))
+            subprocess.check_call(link)
+        print(f"wweight: built CUDA extension {out}")
+
+
+cuda_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
+cuda_sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+
+setup(
+    name="wweight",
+    version="0.1.0",
+    description="GPU kernels for operations on neural-network weights: merging, alignment, sparsification, quantization",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["wweight", "wweight.*"]) + ["wweight.kernels"],
+    package_dir={"wweight.kernels": "kernels"},
+    package_data={"wweight": ["data/*.json", "data/*.yaml"]},
+    ext_modules=[NvccExtension("wweight._cuda", sources=cuda_sources)] if cuda_sources else [],
+    cmdclass={"build_ext": BuildExt},
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "triton>=3.0; platform_system=='Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "scikit-learn>=1.3", "pybind11>=2.11", "ninja"],
+        "bench": ["mergekit==0.1.5", "matplotlib"],
+        "plot": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["wweight=wweight.cli:main"]},
+    zip_safe=False,
+)

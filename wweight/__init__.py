@@ -1,0 +1,43 @@
+"""wweight: GPU kernels for operations on neural-network weights.
+
+Op families (public op / reference / Triton kernel / CUDA kernel / test / benchmark share a name):
+
+* sparse masks and task-vector merges (TIES, DARE, Breadcrumbs, DELLA, magnitude):
+  :func:`sparsify`, :func:`kth_largest_abs`, :func:`merge_tensors`, :func:`merge_state_dicts`
+* isotropic merging (Iso-C, Iso-CTS, TSV-M): through :func:`merge_tensors` / :func:`merge_state_dicts`
+* permutation weight matching (Git Re-Basin): :class:`PermutationSpec`, :func:`weight_matching`,
+  :func:`apply_permutation`, :func:`linear_sum_assignment`
+* quantization with outlier preservation: :func:`quantize`, :func:`dequantize`, :class:`QuantizedTensor`
+
+Backends: ``wweight.use_backend("cuda"|"triton"|"torch"|"reference")`` or ``backend=`` per call.
+"""
+from ._dispatch import use_backend, BACKENDS
+from .sparse import sparsify, kth_largest_abs
+from .merge import merge_tensors, merge_state_dicts, MERGE_METHODS
+from .permute import (
+    PermutationSpec,
+    weight_matching,
+    apply_permutation,
+    linear_sum_assignment,
+)
+from .quant import (
+    QuantizedTensor,
+    quantize,
+    dequantize,
+    quantize_state_dict,
+    dequantize_state_dict,
+    save_quantized,
+    load_quantized,
+    error_report,
+    find_super_weights,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "use_backend", "BACKENDS",
+    "sparsify", "kth_largest_abs", "merge_tensors", "merge_state_dicts", "MERGE_METHODS",
+    "PermutationSpec", "weight_matching", "apply_permutation", "linear_sum_assignment",
+    "QuantizedTensor", "quantize", "dequantize", "quantize_state_dict", "dequantize_state_dict",
+    "save_quantized", "load_quantized", "error_report", "find_super_weights",
+]

@@ -1,0 +1,185 @@
+"""Backend selection shared by every op.
+
+Every public op resolves one backend name before it runs:
+
+* ``"cuda"``      the pybind11 CUDA extension (``wweight._cuda``), CUDA tensors only;
+* ``"triton"``    the Triton kernels in ``wweight.kernels``; CUDA tensors, or CPU tensors
+                  when ``TRITON_INTERPRET=1`` (how CI runs every Triton kernel);
+* ``"torch"``     vectorised PyTorch (chunked, memory-bounded): the CPU product path and the
+                  last fallback on any device;
+* ``"reference"`` the small, obviously-right PyTorch reference in ``wweight.reference``.
+
+``"auto"`` (the default) picks CUDA extension -> Triton -> torch on CUDA tensors and
+``torch`` on CPU tensors. A backend can be forced per call (``backend=``), per block
+(``with wweight.use_backend("triton"):``) or per process (``WWEIGHT_BACKEND=triton``).
+
+CUDA kernels that were never run on the machine's GPU get a one-off self-test against the
+reference the first time they are chosen (``register_selftest``); a failing kernel is
+disabled with a warning and the next backend is used, so a bad build never returns silently
+wrong numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+import warnings
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+
+BACKENDS = ("cuda", "triton", "torch", "reference")
+_VALID = BACKENDS + ("auto",)
+
+_local = threading.local()
+_selftests: Dict[str, Callable[[torch.device], bool]] = {}
+_selftest_results: Dict[tuple, bool] = {}
+_lock = threading.Lock()
+
+
+def _check_name(name: str, argname: str = "backend") -> str:
+    if not isinstance(name, str) or name not in _VALID:
+        raise ValueError(f"{argname} must be one of {list(_VALID)}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend for every wweight op called inside the block (thread-local)."""
+    _check_name(name)
+    prev = getattr(_local, "backend", None)
+    _local.backend = name
+    try:
+        yield
+    finally:
+        _local.backend = prev
+
+
+def requested(backend: Optional[str] = None) -> str:
+    """The backend asked for: the argument, else the context manager, else the environment."""
+    if backend is not None:
+        return _check_name(backend)
+    ctx = getattr(_local, "backend", None)
+    if ctx is not None:
+        return ctx
+    env = os.environ.get("WWEIGHT_BACKEND")
+    if env:
+        return _check_name(env, "WWEIGHT_BACKEND")
+    return "auto"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_triton_ok: Optional[bool] = None
+
+
+def triton_available() -> bool:
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            importlib.import_module("triton")
+            _triton_ok = True
+        except Exception:  # ImportError, or a broken install
+            _triton_ok = False
+    return _triton_ok
+
+
+_cuda_mod = None
+_cuda_err: Optional[str] = None
+
+
+def cuda_extension():
+    """The compiled ``wweight._cuda`` module, or None when it was not built."""
+    global _cuda_mod, _cuda_err
+    if _cuda_mod is None and _cuda_err is None:
+        try:
+            _cuda_mod = importlib.import_module("wweight._cuda")
+        except Exception as e:  # not built (no nvcc at install time) or no driver
+            _cuda_err = f"{type(e).__name__}: {e}"
+    return _cuda_mod
+
+
+def cuda_extension_error() -> Optional[str]:
+    cuda_extension()
+    return _cuda_err
+
+
+def register_selftest(op: str, fn: Callable[[torch.device], bool]) -> None:
+    """``fn(device) -> bool`` runs the op's CUDA kernel on a small input against the reference."""
+    _selftests[op] = fn
+
+
+def _cuda_op_ok(op: str, device: torch.device) -> bool:
+    ext = cuda_extension()
+    if ext is None or not hasattr(ext, op):
+        return False
+    if os.environ.get("WWEIGHT_SKIP_SELFTEST") == "1":
+        return True
+    key = (op, device.index)
+    with _lock:
+        if key not in _selftest_results:
+            fn = _selftests.get(op)
+            ok = True
+            if fn is not None:
+                try:
+                    ok = bool(fn(device))
+                except Exception as e:  # a crash in the kernel counts as a failure
+                    warnings.warn(f"wweight: CUDA self-test of {op} raised {e!r}")
+                    ok = False
+            if not ok:
+                warnings.warn(
+                    f"wweight: CUDA kernel {op!r} failed its self-test on {device}; "
+                    "falling back to Triton/torch for this op"
+                )
+            _selftest_results[key] = ok
+        return _selftest_results[key]
+
+
+def resolve(
+    op: str,
+    device: torch.device,
+    backend: Optional[str] = None,
+    *,
+    has_cuda: bool = True,
+    has_triton: bool = True,
+) -> str:
+    """Pick the backend that runs ``op`` on tensors living on ``device``.
+
+    ``has_cuda`` / ``has_triton`` say whether the op family has that kind of kernel at all.
+    An explicitly requested backend that cannot run raises ``RuntimeError`` (never a silent
+    substitution: benchmarks and tests rely on getting what they asked for).
+    """
+    want = requested(backend)
+    dev = torch.device(device)
+    if want == "auto":
+        if dev.type == "cuda":
+            if has_cuda and _cuda_op_ok(op, dev):
+                return "cuda"
+            if has_triton and triton_available():
+                return "triton"
+        return "torch"
+    if want == "cuda":
+        if not has_cuda:
+            raise RuntimeError(f"{op}: no CUDA-extension kernel exists for this op")
+        if dev.type != "cuda":
+            raise RuntimeError(f"{op}: backend 'cuda' needs CUDA tensors, got device {dev}")
+        if cuda_extension() is None:
+            raise RuntimeError(f"{op}: the CUDA extension is not built ({cuda_extension_error()})")
+        if not hasattr(cuda_extension(), op):
+            raise RuntimeError(f"{op}: the built CUDA extension has no kernel {op!r}")
+        return "cuda"
+    if want == "triton":
+        if not has_triton:
+            raise RuntimeError(f"{op}: no Triton kernel exists for this op")
+        if not triton_available():
+            raise RuntimeError(f"{op}: backend 'triton' requested but triton is not importable")
+        if dev.type != "cuda" and not triton_interpreted():
+            raise RuntimeError(
+                f"{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                f"tensors), got device {dev}"
+            )
+        return "triton"
+    return want  # "torch" or "reference": run anywhere
