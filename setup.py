@@ -2,6 +2,9 @@
 
 * Pure-Python package ``wweight`` plus the Triton kernels, shipped as ``wweight.kernels``
   (mapped from the top-level ``kernels/`` folder so users never set PYTHONPATH).
+* ``wweight._cpu``: C++/OpenMP CPU kernels (pybind11 over raw pointers), built with the host
+  compiler. ``WWEIGHT_BUILD_CPU=0`` skips it (the vectorised-torch path then runs); a failed
+  build is a warning unless ``WWEIGHT_BUILD_CPU=1``.
 * ``wweight._cuda``: CUDA kernels bound with pybind11 over raw device pointers. Built with
   ``nvcc`` whenever it is found; it does NOT need a CUDA build of torch (torch is not even
   imported at build time), so CPU-only build machines with nvcc produce it too.
@@ -37,6 +40,18 @@ class NvccExtension(Extension):
     pass
 
 
+class CpuExtension(Extension):
+    pass
+
+
+def _flag(name):
+    return os.environ.get(name, "auto").lower()
+
+
+OFF = ("0", "off", "false", "no")
+ON = ("1", "on", "true", "yes")
+
+
 class BuildExt(build_ext):
     """Builds the nvcc extension; an extension that is skipped or fails (in auto mode) is dropped
     from ``self.extensions`` so setuptools does not look for its output afterwards."""
@@ -46,8 +61,31 @@ class BuildExt(build_ext):
             if isinstance(ext, NvccExtension):
                 if not self._build_nvcc(ext):
                     self.extensions.remove(ext)
+            elif isinstance(ext, CpuExtension):
+                if not self._build_cpu(ext):
+                    self.extensions.remove(ext)
             else:
                 self.build_extension(ext)
+
+    def _build_cpu(self, ext):
+        flag = _flag("WWEIGHT_BUILD_CPU")
+        if flag in OFF:
+            print("wweight: WWEIGHT_BUILD_CPU=0, skipping the C++ CPU extension")
+            return False
+        import pybind11
+
+        ext.include_dirs = [pybind11.get_include(), os.path.join(ROOT, "csrc")]
+        ext.language = "c++"
+        ext.extra_compile_args = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden"]
+        ext.extra_link_args = ["-fopenmp"]
+        try:
+            build_ext.build_extension(self, ext)
+            return True
+        except Exception as e:
+            if flag in ON:
+                raise
+            print(f"wweight: WARNING: C++ CPU extension build failed ({e}); the torch CPU path will be used")
+            return False
 
     def _build_nvcc(self, ext):
         flag = os.environ.get("WWEIGHT_BUILD_CUDA", "auto").lower()
@@ -78,7 +116,8 @@ class BuildExt(build_ext):
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
         includes = [pybind11.get_include(), sysconfig.get_paths()["include"], os.path.join(ROOT, "csrc")]
-        cflags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+        # --fmad=false: kernels reproduce torch's separately rounded products and sums bit for bit
+        cflags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "--fmad=false",
                   "-DNDEBUG", "-lineinfo"] + gencode + [f"-I{i}" for i in includes]
         out = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -114,6 +153,7 @@ class BuildExt(build_ext):
 
 cuda_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
 cuda_sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+cpu_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 
 setup(
     name="wweight",
@@ -125,7 +165,8 @@ setup(
     packages=find_packages(include=["wweight", "wweight.*"]) + ["wweight.kernels"],
     package_dir={"wweight.kernels": "kernels"},
     package_data={"wweight": ["data/*.json", "data/*.yaml"]},
-    ext_modules=[NvccExtension("wweight._cuda", sources=cuda_sources)] if cuda_sources else [],
+    ext_modules=[CpuExtension("wweight._cpu", sources=cpu_sources)]
+    + ([NvccExtension("wweight._cuda", sources=cuda_sources)] if cuda_sources else []),
     cmdclass={"build_ext": BuildExt},
     install_requires=[
         "torch>=2.4",

@@ -5,12 +5,14 @@ Every public op resolves one backend name before it runs:
 * ``"cuda"``      the pybind11 CUDA extension (``wweight._cuda``), CUDA tensors only;
 * ``"triton"``    the Triton kernels in ``wweight.kernels``; CUDA tensors, or CPU tensors
                   when ``TRITON_INTERPRET=1`` (how CI runs every Triton kernel);
+* ``"cpu"``       the C++/OpenMP extension (``wweight._cpu``), CPU tensors only, for the op
+                  families that have one (``has_cpu=True``);
 * ``"torch"``     vectorised PyTorch (chunked, memory-bounded): the CPU product path and the
                   last fallback on any device;
 * ``"reference"`` the small, obviously-right PyTorch reference in ``wweight.reference``.
 
 ``"auto"`` (the default) picks CUDA extension -> Triton -> torch on CUDA tensors and
-``torch`` on CPU tensors. A backend can be forced per call (``backend=``), per block
+C++ extension -> torch on CPU tensors. A backend can be forced per call (``backend=``), per block
 (``with wweight.use_backend("triton"):``) or per process (``WWEIGHT_BACKEND=triton``).
 
 CUDA kernels that were never run on the machine's GPU get a one-off self-test against the
@@ -29,7 +31,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-BACKENDS = ("cuda", "triton", "torch", "reference")
+BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
 _VALID = BACKENDS + ("auto",)
 
 _local = threading.local()
@@ -102,6 +104,21 @@ def cuda_extension():
     return _cuda_mod
 
 
+_cpu_mod = None
+_cpu_err: Optional[str] = None
+
+
+def cpu_extension():
+    """The compiled ``wweight._cpu`` module (C++/OpenMP), or None when it was not built."""
+    global _cpu_mod, _cpu_err
+    if _cpu_mod is None and _cpu_err is None:
+        try:
+            _cpu_mod = importlib.import_module("wweight._cpu")
+        except Exception as e:
+            _cpu_err = f"{type(e).__name__}: {e}"
+    return _cpu_mod
+
+
 def cuda_extension_error() -> Optional[str]:
     cuda_extension()
     return _cuda_err
@@ -145,10 +162,11 @@ def resolve(
     *,
     has_cuda: bool = True,
     has_triton: bool = True,
+    has_cpu: bool = False,
 ) -> str:
     """Pick the backend that runs ``op`` on tensors living on ``device``.
 
-    ``has_cuda`` / ``has_triton`` say whether the op family has that kind of kernel at all.
+    ``has_cuda`` / ``has_triton`` / ``has_cpu`` say whether the op family has that kind of kernel.
     An explicitly requested backend that cannot run raises ``RuntimeError`` (never a silent
     substitution: benchmarks and tests rely on getting what they asked for).
     """
@@ -160,6 +178,9 @@ def resolve(
                 return "cuda"
             if has_triton and triton_available():
                 return "triton"
+            return "torch"
+        if dev.type == "cpu" and has_cpu and cpu_extension() is not None:
+            return "cpu"
         return "torch"
     if want == "cuda":
         if not has_cuda:
@@ -182,4 +203,12 @@ def resolve(
                 f"tensors), got device {dev}"
             )
         return "triton"
+    if want == "cpu":
+        if not has_cpu:
+            raise RuntimeError(f"{op}: no C++ CPU kernel exists for this op")
+        if dev.type != "cpu":
+            raise RuntimeError(f"{op}: backend 'cpu' needs CPU tensors, got device {dev}")
+        if cpu_extension() is None:
+            raise RuntimeError(f"{op}: the C++ CPU extension is not built ({_cpu_err})")
+        return "cpu"
     return want  # "torch" or "reference": run anywhere

@@ -1,0 +1,17 @@
+// wweight._cpu: C++/OpenMP CPU kernels over raw host pointers (built by setup.py with the host
+// compiler; optional: without it the vectorised-torch path runs). Each family adds register_*_cpu.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+void register_sparse_cpu(py::module_& m);
+
+PYBIND11_MODULE(_cpu, m) {
+    m.doc() = "wweight CPU kernels (C++/OpenMP, raw-pointer pybind11 bindings)";
+    register_sparse_cpu(m);
+#ifdef _OPENMP
+    m.attr("openmp") = true;
+#else
+    m.attr("openmp") = false;
+#endif
+}
