@@ -137,9 +137,10 @@ struct Window {
     int64_t key_lo, key_hi, a, b, c, e;
 };
 WW_HD bool window_keep(const Window& w, int64_t key, int64_t rank_lo, int64_t rank_hi) {
-    bool keep = key > w.key_lo && key < w.key_hi;
-    keep |= key == w.key_lo && rank_lo >= w.a && rank_lo < w.b;
-    keep |= key == w.key_hi && rank_hi >= w.c && rank_hi < w.e;
+    // bitwise, not short-circuit: keep the hot loop free of unpredictable branches
+    bool keep = (key > w.key_lo) & (key < w.key_hi);
+    keep |= (key == w.key_lo) & (rank_lo >= w.a) & (rank_lo < w.b);
+    keep |= (key == w.key_hi) & (rank_hi >= w.c) & (rank_hi < w.e);
     return keep;
 }
 
@@ -147,9 +148,13 @@ WW_HD bool window_keep(const Window& w, int64_t key, int64_t rank_lo, int64_t ra
 struct MergeAcc {
     float total = 0.f, pos = 0.f, neg = 0.f, wpos = 0.f, wneg = 0.f;
     WW_HD void add(float wd, float w) {
+        // selects, not branches: the sign of wd is a coin flip
         total += wd;
-        if (wd > 0.f) { pos += wd; wpos += w; }
-        if (wd < 0.f) { neg += wd; wneg += w; }
+        const bool p = wd > 0.f, n = wd < 0.f;
+        pos += p ? wd : 0.f;
+        wpos += p ? w : 0.f;
+        neg += n ? wd : 0.f;
+        wneg += n ? w : 0.f;
     }
 };
 

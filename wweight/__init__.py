@@ -19,7 +19,9 @@ from .permute import (
     weight_matching,
     apply_permutation,
     linear_sum_assignment,
+    random_permutation,
 )
+from .permute_specs import mlp_spec, cnn_spec, resnet_spec, gpt2_spec, llama_spec
 from .quant import (
     QuantizedTensor,
     quantize,
@@ -37,7 +39,8 @@ __version__ = "0.1.0"
 __all__ = [
     "use_backend", "BACKENDS",
     "sparsify", "kth_largest_abs", "merge_tensors", "merge_state_dicts", "MERGE_METHODS",
-    "PermutationSpec", "weight_matching", "apply_permutation", "linear_sum_assignment",
+    "PermutationSpec", "weight_matching", "apply_permutation", "linear_sum_assignment", "random_permutation",
+    "mlp_spec", "cnn_spec", "resnet_spec", "gpt2_spec", "llama_spec",
     "QuantizedTensor", "quantize", "dequantize", "quantize_state_dict", "dequantize_state_dict",
     "save_quantized", "load_quantized", "error_report", "find_super_weights",
 ]

@@ -99,6 +99,8 @@ def build_plan(prims, xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], 
     if method is None:
         return MaskPlan(MODE_NONE, torch.zeros((K, 6), dtype=torch.int64, device=dev), dummy, False, dens_t)
     if method == "random":
+        # mergekit's keep probability is density rounded to the work dtype
+        dens_t = torch.tensor([float(d) for d in density], dtype=work_dtype(dtype, "random"), device=dev).float()
         return MaskPlan(MODE_RANDOM, torch.zeros((K, 6), dtype=torch.int64, device=dev), dummy, False,
                         dens_t, slo, shi, stream0)
     if method not in ("magnitude", "magnitude_outliers"):

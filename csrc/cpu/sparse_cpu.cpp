@@ -195,45 +195,77 @@ void rescale_stats(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n,
     });
 }
 
-template <int DT, int RD, int OD>
+// Element-major: each output element is finished in registers after one visit of the K inputs
+// (per-model tie-rank counters and Philox words live in small per-thread arrays).
+template <int DT, int RD, int MODE, bool TIES>
 void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>& weights,
                 const std::vector<float>& scales, float lam, float divisor_nc, bool consensus, bool normalize,
                 bool sparsify_only, int32_t* flags) {
     const int64_t K = int64_t(in.xs.size()), n = in.n, nblocks = (n + BLOCK - 1) / BLOCK;
     const bool apply_lambda = lam != 1.f;
+    const void* const* xs = in.xs.data();
+    const float* wt = weights.data();
+    const float* sc = scales.data();
 #pragma omp parallel
     {
-        std::vector<MergeAcc> acc(BLOCK);
-        std::vector<float> bvals(BLOCK);
+        std::vector<Window> win(K);
+        std::vector<int64_t> r_lo(K), r_hi(K);
+        std::vector<float> u(4 * K);
         std::vector<int32_t> bad(K + 1, 0);
+        for (int64_t t = 0; t < K; ++t) win[t] = MODE == MODE_WINDOW ? p.window(t) : Window{};
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
             const int64_t s = blk * BLOCK, e = std::min(n, s + BLOCK);
+            if (TIES)
+                for (int64_t t = 0; t < K; ++t) {
+                    r_lo[t] = p.ties[(t * 2 + 0) * p.nblocks + blk];
+                    r_hi[t] = p.ties[(t * 2 + 1) * p.nblocks + blk];
+                }
             for (int64_t i = s; i < e; ++i) {
-                acc[i - s] = MergeAcc();
-                float b = in.base ? load_f32<DT>(in.base, i) : 0.f;
-                bvals[i - s] = b;
-                if (!finite(b)) bad[K] = 1;
-            }
-            for (int64_t t = 0; t < K; ++t) {
-                const float w = weights[t], sc = scales[t];
-                walk_block<DT>(in, p, t, blk, [&](int64_t i, float d, bool keep) {
-                    if (!finite(load_f32<DT>(in.xs[t], i))) bad[t] = 1;
-                    if (p.mode != MODE_NONE) d = rnd<RD>((keep ? d : 0.f) * sc);
-                    if (sparsify_only) { acc[i - s].total = d; return; }
-                    acc[i - s].add(rnd<RD>(d * w), w);
-                });
-            }
-            for (int64_t i = s; i < e; ++i) {
-                float v = sparsify_only ? acc[i - s].total
-                                        : finish<RD>(acc[i - s], bvals[i - s], consensus, normalize, apply_lambda,
-                                                     lam, divisor_nc);
-                store_f32<OD>(out, i, v);
+                const float b = in.base ? load_f32<DT>(in.base, i) : 0.f;
+                if (MODE == MODE_RANDOM && (i & 3) == 0)
+                    for (int64_t t = 0; t < K; ++t) uniform4(i >> 2, p.seed, p.stream0 + uint32_t(t), &u[4 * t]);
+                MergeAcc acc;
+                for (int64_t t = 0; t < K; ++t) {
+                    const float x = load_f32<DT>(xs[t], i);
+                    float d = in.base ? rnd<DT>(x - b) : x;
+                    bad[t] |= !finite(x);
+                    if (MODE == MODE_WINDOW) {
+                        const int64_t key = key_of<DT>(d);
+                        const bool keep = window_keep(win[t], key, TIES ? r_lo[t] : 0, TIES ? r_hi[t] : 0);
+                        if (TIES) {
+                            r_lo[t] += key == win[t].key_lo;
+                            r_hi[t] += key == win[t].key_hi;
+                        }
+                        d = rnd<RD>((keep ? d : 0.f) * sc[t]);
+                    } else if (MODE == MODE_RANDOM) {
+                        d = rnd<RD>((u[4 * t + (i & 3)] < p.density[t] ? d : 0.f) * sc[t]);
+                    }
+                    if (sparsify_only) acc.total = d;
+                    else acc.add(rnd<RD>(d * wt[t]), wt[t]);
+                }
+                bad[K] |= !finite(b);
+                const float v = sparsify_only ? acc.total
+                                              : finish<RD>(acc, b, consensus, normalize, apply_lambda, lam, divisor_nc);
+                store_f32<DT>(out, i, v);
             }
         }
 #pragma omp critical
         for (int64_t t = 0; t <= K; ++t) flags[t] |= bad[t];
     }
+}
+
+template <int DT, int RD>
+void merge_modes(const In& in, void* out, const Plan& p, const std::vector<float>& w, const std::vector<float>& sc,
+                 float lam, float div, bool consensus, bool normalize, bool sparsify_only, int32_t* f) {
+    if (p.mode == MODE_WINDOW && p.ties)
+        merge_impl<DT, RD, MODE_WINDOW, true>(in, out, p, w, sc, lam, div, consensus, normalize, sparsify_only, f);
+    else if (p.mode == MODE_WINDOW)
+        merge_impl<DT, RD, MODE_WINDOW, false>(in, out, p, w, sc, lam, div, consensus, normalize, sparsify_only, f);
+    else if (p.mode == MODE_RANDOM)
+        merge_impl<DT, RD, MODE_RANDOM, false>(in, out, p, w, sc, lam, div, consensus, normalize, sparsify_only, f);
+    else
+        merge_impl<DT, RD, MODE_NONE, false>(in, out, p, w, sc, lam, div, consensus, normalize, sparsify_only, f);
 }
 
 void merge(std::vector<uintptr_t> xs, uintptr_t base, uintptr_t out, int dt, int64_t n, int mode, uintptr_t kp,
@@ -248,13 +280,12 @@ void merge(std::vector<uintptr_t> xs, uintptr_t base, uintptr_t out, int dt, int
     if (!round16 || dt == F32) {
         dispatch_dt(dt, [&](auto tag) {
             constexpr int DT = decltype(tag)::value;
-            merge_impl<DT, F32, DT>(in, o, p, weights, scales, lam, divisor_nc, consensus, normalize, sparsify_only, f);
+            merge_modes<DT, F32>(in, o, p, weights, scales, lam, divisor_nc, consensus, normalize, sparsify_only, f);
         });
     } else if (dt == F16) {
-        merge_impl<F16, F16, F16>(in, o, p, weights, scales, lam, divisor_nc, consensus, normalize, sparsify_only, f);
+        merge_modes<F16, F16>(in, o, p, weights, scales, lam, divisor_nc, consensus, normalize, sparsify_only, f);
     } else {
-        merge_impl<BF16, BF16, BF16>(in, o, p, weights, scales, lam, divisor_nc, consensus, normalize, sparsify_only,
-                                     f);
+        merge_modes<BF16, BF16>(in, o, p, weights, scales, lam, divisor_nc, consensus, normalize, sparsify_only, f);
     }
 }
 

@@ -105,19 +105,24 @@ def bernoulli_ref(tensor, density, rescale_norm=None, seed=0, stream=0):
         return tensor.clone()
     wd = _work_dtype(tensor)
     u = philox_uniform(tensor.numel(), seed, stream, device=tensor.device).reshape(tensor.shape)
-    mask = (u < torch.tensor(density, dtype=torch.float32)).to(wd)
+    # mergekit draws with probability density rounded to the work dtype (torch.full_like(..., dtype=wd))
+    p = torch.tensor(density, dtype=wd).float()
+    mask = (u < p).to(wd)
     return rescaled_masked_tensor(tensor.to(wd), mask, rescale_norm, density).to(tensor.dtype)
 
 
 def della_probabilities_ref(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """DELLA keep probabilities (float32, shape of ``tensor``): ranks along dim 1 as mergekit."""
-    t = tensor if tensor.dim() >= 2 else tensor.reshape(1, -1)
-    mags = t.abs().float()
-    ranks = torch.argsort(torch.argsort(mags, dim=1, stable=True), dim=1).float() + 1
+    """DELLA keep probabilities (work dtype, shape of ``tensor``): ranks along dim 1, computed in
+    mergekit's work dtype (so bf16 tensors get bf16-rounded ranks, exactly as mergekit)."""
+    wd = _work_dtype(tensor)
+    t = tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
+    mags = t.abs()
+    ranks = torch.argsort(torch.argsort(mags, dim=1, stable=True), dim=1).to(wd) + 1
     lo = ranks.min(dim=1, keepdim=True).values
     hi = ranks.max(dim=1, keepdim=True).values
     span = hi - lo
-    rank_norm = torch.where(span > 0, (ranks - lo) / torch.where(span > 0, span, 1), 0.0).clamp(0, 1)
+    rank_norm = torch.where(span > 0, (ranks - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                            torch.zeros_like(ranks)).clamp(0, 1)
     p = (density - epsilon) + rank_norm * 2 * epsilon
     return p.reshape(tensor.shape)
 
@@ -132,7 +137,7 @@ def della_magprune_ref(tensor, density, epsilon, rescale_norm=None, seed=0, stre
     wd = _work_dtype(tensor)
     p = della_probabilities_ref(tensor, density, epsilon)
     u = philox_uniform(tensor.numel(), seed, stream, device=tensor.device).reshape(tensor.shape)
-    mask = (u < p).to(wd)
+    mask = (u < p.float()).to(wd)
     return rescaled_masked_tensor(tensor.to(wd), mask, rescale_norm, density).to(tensor.dtype)
 
 
