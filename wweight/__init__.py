@@ -13,7 +13,8 @@ Backends: ``wweight.use_backend("cuda"|"triton"|"torch"|"reference")`` or ``back
 """
 from ._dispatch import use_backend, BACKENDS
 from .sparse import sparsify, kth_largest_abs
-from .merge import merge_tensors, merge_state_dicts, MERGE_METHODS
+from .merge import merge_tensors, merge_state_dicts, MERGE_METHODS, key_seed
+from .iso import ISO_METHODS, iso_merge_tensors, iso_merge_state_dicts
 from .permute import (
     PermutationSpec,
     weight_matching,
@@ -32,15 +33,22 @@ from .quant import (
     load_quantized,
     error_report,
     find_super_weights,
+    known_super_weights,
+    dequant_matmul,
 )
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, run_merge, plan_merge
+from .config import load_config, MergeConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "use_backend", "BACKENDS",
-    "sparsify", "kth_largest_abs", "merge_tensors", "merge_state_dicts", "MERGE_METHODS",
+    "sparsify", "kth_largest_abs", "merge_tensors", "merge_state_dicts", "MERGE_METHODS", "key_seed",
+    "ISO_METHODS", "iso_merge_tensors", "iso_merge_state_dicts",
     "PermutationSpec", "weight_matching", "apply_permutation", "linear_sum_assignment", "random_permutation",
     "mlp_spec", "cnn_spec", "resnet_spec", "gpt2_spec", "llama_spec",
     "QuantizedTensor", "quantize", "dequantize", "quantize_state_dict", "dequantize_state_dict",
-    "save_quantized", "load_quantized", "error_report", "find_super_weights",
+    "save_quantized", "load_quantized", "error_report", "find_super_weights", "known_super_weights", "dequant_matmul",
+    "Checkpoint", "load_checkpoint", "save_checkpoint", "run_merge", "plan_merge", "load_config", "MergeConfig",
 ]

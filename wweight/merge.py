@@ -25,6 +25,7 @@ the output; K full-size delta temporaries are never materialised (mergekit stack
 """
 from __future__ import annotations
 
+import zlib
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -53,6 +54,15 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (x ^ (x >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def key_seed(seed: int, key: str) -> int:
+    """Per-tensor Philox key from a run seed and the tensor's name.
+
+    Depends on the name only (not on the order, grouping or rank that processes the key), so
+    ``merge_state_dicts`` and ``wweight merge`` (any number of processes) draw the same masks.
+    """
+    return _splitmix64((int(seed) & 0xFFFFFFFF) << 32 | zlib.crc32(key.encode("utf-8")))
 
 
 def _per_model(name: str, v, K: int, default=None) -> List[float]:
@@ -225,7 +235,8 @@ def merge_state_dicts(method: str, base: Optional[Dict[str, torch.Tensor]], fine
     Task-arithmetic methods run :func:`merge_tensors` key by key (``alpha`` is mergekit's
     ``lambda``; other keyword arguments: ``density``, ``gamma``, ``epsilon``, ``normalize``,
     ``rescale``, ``seed``). With one ``seed``, each key gets its own Philox key derived from the
-    seed and the key's position, so a model merge is reproducible. Isotropic methods
+    seed and the key's name (:func:`key_seed`), so a model merge is reproducible and equals
+    ``wweight merge`` with the same seed. Isotropic methods
     (``iso_c``, ``iso_cts``, ``tsv_m``) batch SVDs across all keys of the same shape
     (:func:`wweight.iso.iso_merge_state_dicts`). Non-float tensors (e.g. integer buffers) are
     copied from ``base``. Returns a new dict with ``base``'s keys, dtypes and devices.
@@ -267,9 +278,9 @@ def merge_state_dicts(method: str, base: Optional[Dict[str, torch.Tensor]], fine
             continue
         try:
             if method == "linear":
-                out[k] = merge_tensors(method, b, ts, weights, seed=_splitmix64(seed ^ (j << 20)), backend=backend, **kwargs)
+                out[k] = merge_tensors(method, b, ts, weights, seed=key_seed(seed, k), backend=backend, **kwargs)
             else:
-                out[k] = merge_tensors(method, b, ts, weights, lambda_=alpha, seed=_splitmix64(seed ^ (j << 20)),
+                out[k] = merge_tensors(method, b, ts, weights, lambda_=alpha, seed=key_seed(seed, k),
                                        backend=backend, **kwargs)
         except (ValueError, TypeError) as e:
             raise type(e)(f"key {k!r}: {e}") from None

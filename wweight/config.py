@@ -1,0 +1,324 @@
+"""Merge configurations: the mergekit YAML schema (the subset wweight shares), loaded safely.
+
+``wweight merge CONFIG.yaml OUT_DIR`` accepts the same YAML as ``mergekit-yaml`` (mergekit 0.1.5,
+``mergekit/config.py``) for the methods both tools have::
+
+    merge_method: ties                 # see METHODS
+    base_model: ./base                 # local directory, Hugging Face layout
+    models:
+      - model: ./ft-math
+        parameters: {weight: 1.0, density: 0.5}
+      - model: ./ft-code
+        parameters:
+          weight: 1.0
+          density: [{filter: mlp, value: 0.3}, {value: 0.5}]   # conditional (per tensor name)
+    parameters: {normalize: true, lambda: 1.0}                   # shared, or defaults for every model
+    dtype: float32                     # compute dtype (default: the inputs' dtype)
+    out_dtype: bfloat16                # output dtype (default: dtype)
+    tokenizer_source: base             # base | a referenced model | omitted (= base)
+
+Resolution follows mergekit's ``ConfigReader``: a model's own ``parameters`` win over the top-level
+``parameters``, which win over the method default; a list of ``{filter, value}`` picks the first
+entry whose ``filter`` is a substring of the tensor name (``None`` / ``"*"`` match all).
+
+Not supported (a one-line error says so): ``slices`` / ``modules`` (layer surgery), parameter
+*gradients* (a list of numbers interpolated over layers), ``tokenizer_source: union`` and the
+``tokenizer`` block (vocabulary surgery), Hugging Face hub ids and ``model+lora`` references (models
+must be local directories), and every merge method outside :data:`METHODS`.
+
+Paths in the YAML are resolved against the current directory, as mergekit does. The file is read
+with ``yaml.safe_load`` only: a tag that would construct a Python object is a ``ConfigError``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+# Task-arithmetic family: parameters mergekit's GeneralizedTaskArithmeticMerge declares for each method.
+_GTA_SHARED = ("normalize", "rescale", "lambda", "int8_mask")
+_GTA_PER_MODEL = ("weight", "density")
+METHOD_PARAMS: Dict[str, Dict[str, Sequence[str]]] = {
+    "linear": {"shared": ("normalize",), "per_model": ("weight",)},
+    "task_arithmetic": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL},
+    "ties": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL},
+    "dare_ties": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL},
+    "dare_linear": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL},
+    "breadcrumbs": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL + ("gamma",)},
+    "breadcrumbs_ties": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL + ("gamma",)},
+    "della": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL + ("epsilon",)},
+    "della_linear": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL + ("epsilon",)},
+    # Isotropic merges act on the whole task-vector set of a key; they take one scale ``alpha``
+    # (Iso-C / Iso-CTS / TSV-M papers) and Iso-CTS its common-subspace fraction.
+    "iso_c": {"shared": ("alpha",), "per_model": ()},
+    "iso_cts": {"shared": ("alpha", "common_space_fraction"), "per_model": ()},
+    "tsv_m": {"shared": ("alpha",), "per_model": ()},
+}
+METHODS = tuple(METHOD_PARAMS)
+ISO_METHODS = ("iso_c", "iso_cts", "tsv_m")
+#: Methods whose base model is required (the merge acts on task vectors).
+NEEDS_BASE = tuple(m for m in METHODS if m != "linear")
+
+_BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
+
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+_TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "name")
+_UNSUPPORTED_TOP = {
+    "slices": "layer slices are not supported by wweight (use mergekit for layer surgery)",
+    "modules": "'modules' is not supported by wweight",
+    "tokenizer": "the 'tokenizer' block (vocabulary surgery) is not supported; use tokenizer_source",
+    "chat_template": "'chat_template' is not supported by wweight",
+}
+
+
+class ConfigError(ValueError):
+    """A bad merge configuration; the message names the file and the offending field."""
+
+
+@dataclass
+class ModelEntry:
+    path: str                               # absolute, normalised path of the model directory
+    parameters: Dict[str, Any] = field(default_factory=dict)
+    name: str = ""                          # as written in the YAML (for messages)
+
+
+@dataclass
+class MergeConfig:
+    method: str
+    base_model: Optional[ModelEntry]
+    models: List[ModelEntry]                # the merged models, base excluded for task-vector methods
+    parameters: Dict[str, Any]
+    dtype: Optional[torch.dtype]
+    out_dtype: Optional[torch.dtype]
+    tokenizer_source: Optional[str]         # absolute path of the model whose tokenizer is copied
+    source: str = "<config>"
+
+    def resolve(self, name: str, tensor_name: str, model: Optional[ModelEntry] = None, default=None):
+        """Value of parameter ``name`` for ``tensor_name`` (and ``model`` for per-model ones)."""
+        for params in ((model.parameters if model is not None else None), self.parameters):
+            if params and name in params:
+                v = _evaluate(params[name], tensor_name)
+                if v is not None:
+                    return v
+        return default
+
+    @property
+    def is_iso(self) -> bool:
+        return self.method in ISO_METHODS
+
+
+def _evaluate(setting, tensor_name: str):
+    """mergekit's ``evaluate_setting`` for scalars and ``{filter, value}`` lists (no gradients)."""
+    if isinstance(setting, list):
+        for cond in setting:
+            f = cond.get("filter")
+            if f is None or f == "*" or (tensor_name and f in tensor_name):
+                return cond["value"]
+        return None
+    return setting
+
+
+def parse_dtype(name, argname: str = "dtype") -> Optional[torch.dtype]:
+    if name is None:
+        return None
+    if isinstance(name, str) and name.lower() in DTYPE_NAMES:
+        return DTYPE_NAMES[name.lower()]
+    raise ConfigError(f"{argname} must be one of float32, float16, bfloat16, float64, got {name!r}")
+
+
+def load_yaml(path: str) -> Any:
+    """``yaml.safe_load`` of ``path``; any YAML problem becomes a one-line ``ConfigError``."""
+    import yaml
+
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        # e.g. !!python/object/apply:os.system: safe_load refuses it, and so do we, loudly.
+        where = f" (line {e.problem_mark.line + 1})" if e.problem_mark is not None else ""
+        raise ConfigError(f"{path}: YAML tag not allowed{where}: {e.problem}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+
+
+def _model_ref(v, where: str, src: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{src}: {where} must be a path to a local model directory, got {v!r}")
+    if "+" in v and not os.path.exists(v):
+        raise ConfigError(f"{src}: {where} {v!r}: 'model+lora' references are not supported")
+    return v
+
+
+def _check_param(name: str, value, where: str, src: str, method: str):
+    def bad(expected):
+        raise ConfigError(f"{src}: {where}.{name} must be {expected}, got {value!r}")
+
+    def one(v):
+        if name in _BOOL_PARAMS:
+            if not isinstance(v, bool):
+                bad("true or false")
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+            if isinstance(v, list) and v and all(isinstance(e, (int, float)) for e in v):
+                raise ConfigError(f"{src}: {where}.{name}: parameter gradients (lists of numbers "
+                                  "interpolated over layers) are not supported by wweight")
+            bad("a finite number")
+        v = float(v)
+        if name == "density" and not 0.0 < v <= 1.0:
+            bad("in (0, 1]")
+        if name == "gamma" and not 0.0 <= v < 1.0:
+            bad("in [0, 1)")
+        if name == "epsilon" and not 0.0 <= v < 1.0:
+            bad("in [0, 1)")
+        if name == "common_space_fraction" and not 0.0 < v <= 1.0:
+            bad("in (0, 1]")
+        return v
+
+    if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
+        out = []
+        for i, cond in enumerate(value):
+            extra = set(cond) - {"filter", "value"}
+            if extra or "value" not in cond:
+                raise ConfigError(f"{src}: {where}.{name}[{i}] must be {{filter, value}}, got {cond!r}")
+            if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                raise ConfigError(f"{src}: {where}.{name}[{i}].filter must be a string")
+            out.append({"filter": cond.get("filter"), "value": one(cond["value"])})
+        return out
+    if isinstance(value, dict) and "value" in value:
+        return _check_param(name, [value], where, src, method)
+    return one(value)
+
+
+def _params(raw, where: str, src: str, method: str, allowed: Sequence[str]) -> Dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: {where} must be a mapping, got {type(raw).__name__}")
+    out = {}
+    for k, v in raw.items():
+        if k not in allowed:
+            raise ConfigError(f"{src}: {where}.{k} is not a parameter of merge_method {method!r} "
+                              f"(allowed: {', '.join(allowed) or 'none'})")
+        out[k] = _check_param(k, v, where, src, method)
+    return out
+
+
+def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = None) -> MergeConfig:
+    """Validate a mergekit-style config (already loaded from YAML) into a :class:`MergeConfig`.
+
+    Model paths are made absolute against ``cwd`` (default: the current directory). Existence of
+    the directories is checked by the engine (``wweight.checkpoint``), not here.
+    """
+    src = source
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: the config must be a YAML mapping, got {type(data).__name__}")
+    for k in data:
+        if k in _UNSUPPORTED_TOP:
+            raise ConfigError(f"{src}: {_UNSUPPORTED_TOP[k]}")
+        if k not in _TOP_KEYS:
+            raise ConfigError(f"{src}: unknown top-level key {k!r} (expected one of {', '.join(_TOP_KEYS)})")
+    method = data.get("merge_method")
+    if method is None:
+        raise ConfigError(f"{src}: merge_method is required")
+    if method not in METHOD_PARAMS:
+        raise ConfigError(f"{src}: unknown merge_method {method!r} (wweight supports {', '.join(METHODS)})")
+    spec = METHOD_PARAMS[method]
+    cwd = cwd or os.getcwd()
+
+    def absolute(p):
+        return os.path.normpath(os.path.join(cwd, os.path.expanduser(p)))
+
+    base = None
+    if data.get("base_model") is not None:
+        b = _model_ref(data["base_model"], "base_model", src)
+        base = ModelEntry(absolute(b), {}, b)
+    elif method in NEEDS_BASE:
+        raise ConfigError(f"{src}: merge_method {method!r} needs base_model")
+
+    raw_models = data.get("models")
+    if not isinstance(raw_models, list) or not raw_models:
+        raise ConfigError(f"{src}: models must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    allowed_model = tuple(spec["per_model"])
+    allowed_top = tuple(spec["shared"]) + allowed_model
+    models: List[ModelEntry] = []
+    for i, m in enumerate(raw_models):
+        where = f"models[{i}]"
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise ConfigError(f"{src}: {where} must be a mapping with a 'model' key, got {m!r}")
+        extra = set(m) - {"model", "parameters"}
+        if extra:
+            raise ConfigError(f"{src}: {where}: unknown key {sorted(extra)[0]!r}")
+        ref = _model_ref(m["model"], f"{where}.model", src)
+        params = _params(m.get("parameters"), f"{where}.parameters", src, method, allowed_model)
+        entry = ModelEntry(absolute(ref), params, ref)
+        # mergekit lists the base among `models` in many configs: for task-vector methods it is
+        # not a task (its delta is zero) and mergekit drops it from the non-base inputs too.
+        if base is not None and method != "linear" and entry.path == base.path:
+            continue
+        models.append(entry)
+    if method == "linear" and base is not None and all(e.path != base.path for e in models):
+        # mergekit's linear merge takes base_model as one more input (its weight comes from the
+        # top-level parameters): same here, first in the input order.
+        models.insert(0, ModelEntry(base.path, {}, base.name))
+    if not models:
+        raise ConfigError(f"{src}: models must list at least one model besides base_model")
+    seen = set()
+    for e in models:
+        if e.path in seen:
+            raise ConfigError(f"{src}: model {e.name!r} is listed twice")
+        seen.add(e.path)
+
+    top = _params(data.get("parameters"), "parameters", src, method, allowed_top)
+    if method not in ISO_METHODS and "weight" in allowed_model:
+        for i, e in enumerate(models):
+            if "weight" not in e.parameters and "weight" not in top:
+                who = "base_model" if base is not None and e.path == base.path else f"models[{i}]"
+                raise ConfigError(f"{src}: {who} ({e.name}) needs parameters.weight "
+                                  f"(merge_method {method!r} has no default weight)")
+
+    dtype = parse_dtype(data.get("dtype"), "dtype")
+    out_dtype = parse_dtype(data.get("out_dtype"), "out_dtype")
+
+    tok = data.get("tokenizer_source")
+    tok_path = None
+    if tok is None or tok == "base":
+        tok_path = base.path if base is not None else models[0].path
+    elif tok == "union":
+        raise ConfigError(f"{src}: tokenizer_source 'union' (vocabulary merging) is not supported; "
+                          "use 'base' or one of the models")
+    elif isinstance(tok, str):
+        tok_path = absolute(tok)
+        referenced = {e.path for e in models} | ({base.path} if base else set())
+        if tok_path not in referenced:
+            raise ConfigError(f"{src}: tokenizer_source {tok!r} is not one of the config's models")
+    else:
+        raise ConfigError(f"{src}: tokenizer_source must be 'base' or a model path, got {tok!r}")
+
+    return MergeConfig(method=method, base_model=base, models=models, parameters=top, dtype=dtype,
+                       out_dtype=out_dtype, tokenizer_source=tok_path, source=src)
+
+
+def load_config(path: str) -> MergeConfig:
+    """Read and validate a merge YAML file (safe loader only)."""
+    return parse_config(load_yaml(path), source=path)
