@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 
 import torch
@@ -74,9 +75,8 @@ def leftovers(parent, name):
 
 
 def run_cli(*args, env=None, timeout=120):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e = dict(os.environ)   # the installed wweight (not the checkout), like a user's shell
     if env:
         e.update(env)
     return subprocess.run([sys.executable, "-m", "wweight", *map(str, args)], capture_output=True,
-                          text=True, env=e, timeout=timeout)
+                          text=True, env=e, timeout=timeout, cwd=tempfile.gettempdir())

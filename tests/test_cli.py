@@ -340,8 +340,6 @@ def test_sigterm_mid_merge_leaves_nothing(tmp_path, zoo):
     import sys
     import time
 
-    from test_checkpoint_helpers import ROOT
-
     cfg = write_yaml(tmp_path / "c.yaml", "task_arithmetic", zoo["base_path"], zoo["finetuned_paths"],
                      [{"weight": 0.3}] * 3)
     script = (
@@ -353,8 +351,8 @@ def test_sigterm_mid_merge_leaves_nothing(tmp_path, zoo):
         "m.merge_tensors = slow\n"
         "from wweight.cli import main\n"
         f"sys.exit(main(['merge', {str(cfg)!r}, {str(tmp_path / 'out')!r}, '-q']))\n")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ), stderr=subprocess.PIPE, text=True,
+                            cwd=str(tmp_path))
     deadline = time.time() + 60
     while not leftovers(tmp_path, "out") and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the benchmark module holds the MiniLM forward; append (not prepend) the checkout so that
+# ``wweight`` itself still resolves to the installed package
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import bench_quant as B  # noqa: E402
 
 _loaded = B.load_minilm()
