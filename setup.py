@@ -119,9 +119,10 @@ class BuildExt(build_ext):
         # --fmad=false: kernels reproduce torch's separately rounded products and sums bit for bit
         cflags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "--fmad=false",
                   "-DNDEBUG", "-lineinfo"] + gencode + [f"-I{i}" for i in includes]
-        out = self.get_ext_fullpath(ext.name)
+        # absolute paths: ninja runs with -C (another working directory)
+        out = os.path.abspath(self.get_ext_fullpath(ext.name))
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        tmp = os.path.join(self.build_temp, "cuda")
+        tmp = os.path.abspath(os.path.join(self.build_temp, "cuda"))
         os.makedirs(tmp, exist_ok=True)
         objs = [os.path.join(tmp, os.path.basename(s) + ".o") for s in ext.sources]
         link = [nvcc, "-shared", "-o", out] + objs + ["-Xcompiler", "-fPIC"] + gencode

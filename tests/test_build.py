@@ -1,0 +1,29 @@
+"""The install builds what the machine can build: the C++ CPU extension always (a host compiler is
+required by the install), the CUDA extension whenever nvcc is on the PATH (it must import without a
+GPU or a CUDA torch, since it binds raw pointers only)."""
+import os
+import shutil
+
+import pytest
+
+from wweight import _dispatch
+
+
+def test_cpu_extension_built():
+    if os.environ.get("WWEIGHT_BUILD_CPU", "auto").lower() in ("0", "off", "false", "no"):
+        pytest.skip("WWEIGHT_BUILD_CPU=0")
+    ext = _dispatch.cpu_extension()
+    assert ext is not None, _dispatch._cpu_err
+    for name in ("sparse_digit_hist", "sparse_tie_counts", "sparse_rescale_stats", "sparse_merge"):
+        assert hasattr(ext, name)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on the PATH: the CUDA extension is not built")
+def test_cuda_extension_built_and_importable_without_gpu():
+    if os.environ.get("WWEIGHT_BUILD_CUDA", "auto").lower() in ("0", "off", "false", "no"):
+        pytest.skip("WWEIGHT_BUILD_CUDA=0")
+    ext = _dispatch.cuda_extension()
+    assert ext is not None, _dispatch.cuda_extension_error()
+    for name in ("sparse_digit_hist", "sparse_tie_counts", "sparse_rescale_stats", "sparse_merge",
+                 "quant_dequant", "quant_pack", "quant_stats"):
+        assert hasattr(ext, name), name
