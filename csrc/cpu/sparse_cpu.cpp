@@ -195,23 +195,27 @@ void rescale_stats(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n,
     });
 }
 
-// Element-major: each output element is finished in registers after one visit of the K inputs
-// (per-model tie-rank counters and Philox words live in small per-thread arrays).
-template <int DT, int RD, int MODE, bool TIES>
+// Tiles of TILE consecutive elements: for each model the tile is loaded, masked and accumulated
+// in short fixed-stride loops the compiler vectorises; per-element state lives in small arrays.
+// Tie ranks (sequential by definition) are the only scalar loop.
+constexpr int TILE = 64;
+
+template <int DT, int RD, int MODE, bool TIES, bool CONSENSUS>
 void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>& weights,
-                const std::vector<float>& scales, float lam, float divisor_nc, bool consensus, bool normalize,
+                const std::vector<float>& scales, float lam, float divisor_nc, bool normalize,
                 bool sparsify_only, int32_t* flags) {
     const int64_t K = int64_t(in.xs.size()), n = in.n, nblocks = (n + BLOCK - 1) / BLOCK;
     const bool apply_lambda = lam != 1.f;
     const void* const* xs = in.xs.data();
     const float* wt = weights.data();
     const float* sc = scales.data();
+    const bool has_base = in.base != nullptr;
 #pragma omp parallel
     {
         std::vector<Window> win(K);
         std::vector<int64_t> r_lo(K), r_hi(K);
-        std::vector<float> u(4 * K);
         std::vector<int32_t> bad(K + 1, 0);
+        alignas(64) float b[TILE], d[TILE], u[TILE], total[TILE], pos[TILE], neg[TILE], wpos[TILE], wneg[TILE];
         for (int64_t t = 0; t < K; ++t) win[t] = MODE == MODE_WINDOW ? p.window(t) : Window{};
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -221,33 +225,85 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
                     r_lo[t] = p.ties[(t * 2 + 0) * p.nblocks + blk];
                     r_hi[t] = p.ties[(t * 2 + 1) * p.nblocks + blk];
                 }
-            for (int64_t i = s; i < e; ++i) {
-                const float b = in.base ? load_f32<DT>(in.base, i) : 0.f;
-                if (MODE == MODE_RANDOM && (i & 3) == 0)
-                    for (int64_t t = 0; t < K; ++t) uniform4(i >> 2, p.seed, p.stream0 + uint32_t(t), &u[4 * t]);
-                MergeAcc acc;
-                for (int64_t t = 0; t < K; ++t) {
-                    const float x = load_f32<DT>(xs[t], i);
-                    float d = in.base ? rnd<DT>(x - b) : x;
-                    bad[t] |= !finite(x);
-                    if (MODE == MODE_WINDOW) {
-                        const int64_t key = key_of<DT>(d);
-                        const bool keep = window_keep(win[t], key, TIES ? r_lo[t] : 0, TIES ? r_hi[t] : 0);
-                        if (TIES) {
-                            r_lo[t] += key == win[t].key_lo;
-                            r_hi[t] += key == win[t].key_hi;
-                        }
-                        d = rnd<RD>((keep ? d : 0.f) * sc[t]);
-                    } else if (MODE == MODE_RANDOM) {
-                        d = rnd<RD>((u[4 * t + (i & 3)] < p.density[t] ? d : 0.f) * sc[t]);
-                    }
-                    if (sparsify_only) acc.total = d;
-                    else acc.add(rnd<RD>(d * wt[t]), wt[t]);
+            for (int64_t i0 = s; i0 < e; i0 += TILE) {
+                const int m = int(std::min<int64_t>(TILE, e - i0));
+                int32_t badb = 0;
+                for (int j = 0; j < m; ++j) {
+                    b[j] = has_base ? load_f32<DT>(in.base, i0 + j) : 0.f;
+                    badb |= !finite(b[j]);
+                    total[j] = pos[j] = neg[j] = wpos[j] = wneg[j] = 0.f;
                 }
-                bad[K] |= !finite(b);
-                const float v = sparsify_only ? acc.total
-                                              : finish<RD>(acc, b, consensus, normalize, apply_lambda, lam, divisor_nc);
-                store_f32<DT>(out, i, v);
+                bad[K] |= badb;
+                for (int64_t t = 0; t < K; ++t) {
+                    const void* x = xs[t];
+                    int32_t badx = 0;
+                    for (int j = 0; j < m; ++j) {
+                        const float v = load_f32<DT>(x, i0 + j);
+                        badx |= !finite(v);
+                        d[j] = has_base ? rnd<DT>(v - b[j]) : v;
+                    }
+                    bad[t] |= badx;
+                    if (MODE == MODE_WINDOW) {
+                        const Window w = win[t];
+                        const float st = sc[t];
+                        if (TIES) {
+                            int64_t rl = r_lo[t], rh = r_hi[t];
+                            for (int j = 0; j < m; ++j) {
+                                const int64_t key = key_of<DT>(d[j]);
+                                const bool keep = window_keep(w, key, rl, rh);
+                                rl += key == w.key_lo;
+                                rh += key == w.key_hi;
+                                d[j] = rnd<RD>((keep ? d[j] : 0.f) * st);
+                            }
+                            r_lo[t] = rl;
+                            r_hi[t] = rh;
+                        } else {
+                            for (int j = 0; j < m; ++j) {
+                                const bool keep = window_keep(w, key_of<DT>(d[j]), 0, 0);
+                                d[j] = rnd<RD>((keep ? d[j] : 0.f) * st);
+                            }
+                        }
+                    } else if (MODE == MODE_RANDOM) {
+                        // i0 is a multiple of 4: one Philox call per 4 elements
+                        for (int j = 0; j < m; j += 4) uniform4((i0 + j) >> 2, p.seed, p.stream0 + uint32_t(t), &u[j]);
+                        const float dens = p.density[t], st = sc[t];
+                        for (int j = 0; j < m; ++j) d[j] = rnd<RD>((u[j] < dens ? d[j] : 0.f) * st);
+                    }
+                    if (sparsify_only) {
+                        for (int j = 0; j < m; ++j) total[j] = d[j];
+                        continue;
+                    }
+                    const float w = wt[t];
+                    for (int j = 0; j < m; ++j) {
+                        const float wd = rnd<RD>(d[j] * w);
+                        total[j] += wd;
+                        if (CONSENSUS) {
+                            // bit masks, not selects: GCC turns `c ? a : 0` into branches here and the sign of
+                            // wd is a coin flip (10x slower). Adding +0 leaves every sum exact.
+                            const uint32_t mp = 0u - uint32_t(wd > 0.f), mn = 0u - uint32_t(wd < 0.f);
+                            const uint32_t bw = f32_bits(wd), bww = f32_bits(w);
+                            pos[j] += bits_f32(bw & mp);
+                            neg[j] += bits_f32(bw & mn);
+                            wpos[j] += bits_f32(bww & mp);
+                            wneg[j] += bits_f32(bww & mn);
+                        }
+                    }
+                }
+                for (int j = 0; j < m; ++j) {
+                    float v;
+                    if (sparsify_only) {
+                        v = total[j];
+                    } else {
+                        MergeAcc acc;
+                        acc.total = total[j];
+                        acc.pos = pos[j];
+                        acc.neg = neg[j];
+                        acc.wpos = wpos[j];
+                        acc.wneg = wneg[j];
+                        v = finish<RD>(acc, b[j], CONSENSUS, normalize, apply_lambda, lam, divisor_nc);
+                    }
+                    store_f32<DT>(out, i0 + j, v);
+                }
             }
         }
 #pragma omp critical
@@ -255,17 +311,26 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
     }
 }
 
+template <int DT, int RD, bool CONSENSUS>
+void merge_modes_c(const In& in, void* out, const Plan& p, const std::vector<float>& w, const std::vector<float>& sc,
+                   float lam, float div, bool normalize, bool sparsify_only, int32_t* f) {
+    if (p.mode == MODE_WINDOW && p.ties)
+        merge_impl<DT, RD, MODE_WINDOW, true, CONSENSUS>(in, out, p, w, sc, lam, div, normalize, sparsify_only, f);
+    else if (p.mode == MODE_WINDOW)
+        merge_impl<DT, RD, MODE_WINDOW, false, CONSENSUS>(in, out, p, w, sc, lam, div, normalize, sparsify_only, f);
+    else if (p.mode == MODE_RANDOM)
+        merge_impl<DT, RD, MODE_RANDOM, false, CONSENSUS>(in, out, p, w, sc, lam, div, normalize, sparsify_only, f);
+    else
+        merge_impl<DT, RD, MODE_NONE, false, CONSENSUS>(in, out, p, w, sc, lam, div, normalize, sparsify_only, f);
+}
+
 template <int DT, int RD>
 void merge_modes(const In& in, void* out, const Plan& p, const std::vector<float>& w, const std::vector<float>& sc,
                  float lam, float div, bool consensus, bool normalize, bool sparsify_only, int32_t* f) {
-    if (p.mode == MODE_WINDOW && p.ties)
-        merge_impl<DT, RD, MODE_WINDOW, true>(in, out, p, w, sc, lam, div, consensus, normalize, sparsify_only, f);
-    else if (p.mode == MODE_WINDOW)
-        merge_impl<DT, RD, MODE_WINDOW, false>(in, out, p, w, sc, lam, div, consensus, normalize, sparsify_only, f);
-    else if (p.mode == MODE_RANDOM)
-        merge_impl<DT, RD, MODE_RANDOM, false>(in, out, p, w, sc, lam, div, consensus, normalize, sparsify_only, f);
+    if (consensus)
+        merge_modes_c<DT, RD, true>(in, out, p, w, sc, lam, div, normalize, sparsify_only, f);
     else
-        merge_impl<DT, RD, MODE_NONE, false>(in, out, p, w, sc, lam, div, consensus, normalize, sparsify_only, f);
+        merge_modes_c<DT, RD, false>(in, out, p, w, sc, lam, div, normalize, sparsify_only, f);
 }
 
 void merge(std::vector<uintptr_t> xs, uintptr_t base, uintptr_t out, int dt, int64_t n, int mode, uintptr_t kp,
