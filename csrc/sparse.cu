@@ -239,16 +239,6 @@ Ptrs make_ptrs(const std::vector<uintptr_t>& xs) {
     return p;
 }
 
-template <typename F>
-void dispatch_dt(int dt, F&& f) {
-    switch (dt) {
-        case F32: f(std::integral_constant<int, F32>{}); break;
-        case F16: f(std::integral_constant<int, F16>{}); break;
-        case BF16: f(std::integral_constant<int, BF16>{}); break;
-        default: throw std::invalid_argument("wweight._cuda: unsupported dtype code");
-    }
-}
-
 int num_sms() {
     int dev = 0, sms = 0;
     wweight::check_cuda(cudaGetDevice(&dev), "cudaGetDevice");

@@ -8,6 +8,9 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define WW_HD __host__ __device__ __forceinline__
@@ -84,6 +87,18 @@ WW_HD uint16_t f32_to_f16(float f) {
     uint32_t rem = r & 0x1FFFu;
     if (rem > 0x1000u || (rem == 0x1000u && (out & 1u))) out++;
     return uint16_t(sign | out);
+}
+
+// Host side: runs f(std::integral_constant<int, DT>{}) for a runtime dtype code. A generic lambda,
+// not a macro, so OpenMP pragmas can live in the body.
+template <typename F>
+inline void dispatch_dt(int dt, F&& f) {
+    switch (dt) {
+        case F32: f(std::integral_constant<int, F32>{}); break;
+        case F16: f(std::integral_constant<int, F16>{}); break;
+        case BF16: f(std::integral_constant<int, BF16>{}); break;
+        default: throw std::invalid_argument("wweight: unsupported dtype code " + std::to_string(dt));
+    }
 }
 
 template <int DT> WW_HD float load_f32(const void* p, int64_t i);

@@ -13,7 +13,7 @@ def test_cpu_extension_built():
     if os.environ.get("WWEIGHT_BUILD_CPU", "auto").lower() in ("0", "off", "false", "no"):
         pytest.skip("WWEIGHT_BUILD_CPU=0")
     ext = _dispatch.cpu_extension()
-    assert ext is not None, _dispatch._cpu_err
+    assert ext is not None, _dispatch.cpu_extension_error()
     for name in ("sparse_digit_hist", "sparse_tie_counts", "sparse_rescale_stats", "sparse_merge"):
         assert hasattr(ext, name)
 

@@ -89,39 +89,35 @@ def triton_available() -> bool:
     return _triton_ok
 
 
-_cuda_mod = None
-_cuda_err: Optional[str] = None
+_extensions: Dict[str, tuple] = {}   # module name -> (module or None, import error or None)
+
+
+def _extension(name: str):
+    """Import a compiled extension once; remember the module or why it is missing."""
+    if name not in _extensions:
+        try:
+            _extensions[name] = (importlib.import_module(name), None)
+        except Exception as e:  # not built (no nvcc/compiler at install time) or no driver
+            _extensions[name] = (None, f"{type(e).__name__}: {e}")
+    return _extensions[name]
 
 
 def cuda_extension():
     """The compiled ``wweight._cuda`` module, or None when it was not built."""
-    global _cuda_mod, _cuda_err
-    if _cuda_mod is None and _cuda_err is None:
-        try:
-            _cuda_mod = importlib.import_module("wweight._cuda")
-        except Exception as e:  # not built (no nvcc at install time) or no driver
-            _cuda_err = f"{type(e).__name__}: {e}"
-    return _cuda_mod
+    return _extension("wweight._cuda")[0]
 
 
-_cpu_mod = None
-_cpu_err: Optional[str] = None
+def cuda_extension_error() -> Optional[str]:
+    return _extension("wweight._cuda")[1]
 
 
 def cpu_extension():
     """The compiled ``wweight._cpu`` module (C++/OpenMP), or None when it was not built."""
-    global _cpu_mod, _cpu_err
-    if _cpu_mod is None and _cpu_err is None:
-        try:
-            _cpu_mod = importlib.import_module("wweight._cpu")
-        except Exception as e:
-            _cpu_err = f"{type(e).__name__}: {e}"
-    return _cpu_mod
+    return _extension("wweight._cpu")[0]
 
 
-def cuda_extension_error() -> Optional[str]:
-    cuda_extension()
-    return _cuda_err
+def cpu_extension_error() -> Optional[str]:
+    return _extension("wweight._cpu")[1]
 
 
 def register_selftest(op: str, fn: Callable[[torch.device], bool]) -> None:
@@ -209,6 +205,6 @@ def resolve(
         if dev.type != "cpu":
             raise RuntimeError(f"{op}: backend 'cpu' needs CPU tensors, got device {dev}")
         if cpu_extension() is None:
-            raise RuntimeError(f"{op}: the C++ CPU extension is not built ({_cpu_err})")
+            raise RuntimeError(f"{op}: the C++ CPU extension is not built ({cpu_extension_error()})")
         return "cpu"
     return want  # "torch" or "reference": run anywhere

@@ -264,13 +264,13 @@ def merge_state_dicts(method: str, base: Optional[Dict[str, torch.Tensor]], fine
     seed = kwargs.pop("seed", None)
     seed = resolve_seed(seed)
     alpha = _validate.number("alpha", alpha)
-    it = enumerate(keys)
+    it = keys
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(list(it), desc=f"merge {method}")
+        it = tqdm(keys, desc=f"merge {method}")
     out = {}
-    for j, k in it:
+    for k in it:
         b = base[k] if base is not None else None
         ts = [sd[k] for sd in finetuned]
         if not (ref_sd[k].is_floating_point()):

@@ -91,18 +91,6 @@ Plan make_plan(int mode, uintptr_t kp, uintptr_t ties, int64_t nblocks, std::vec
                 std::move(density), seed, stream0};
 }
 
-// Runs f(std::integral_constant<int, DT>{}) for the runtime dtype code (OpenMP pragmas cannot
-// live inside macro arguments, so the dispatch goes through a generic lambda).
-template <typename F>
-void dispatch_dt(int dt, F&& f) {
-    switch (dt) {
-        case F32: f(std::integral_constant<int, F32>{}); break;
-        case F16: f(std::integral_constant<int, F16>{}); break;
-        case BF16: f(std::integral_constant<int, BF16>{}); break;
-        default: throw std::invalid_argument("wweight._cpu: unsupported dtype code");
-    }
-}
-
 void digit_hist(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, std::vector<int64_t> qmodel,
                 std::vector<int64_t> prefix, int shift, int nbits, int high_shift, bool has_prefix, uintptr_t out) {
     In in = make_in(xs, base, n);
