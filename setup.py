@@ -1,7 +1,6 @@
 """Build for wweight.
 
-* Pure-Python package ``wweight`` plus the Triton kernels, shipped as ``wweight.kernels``
-  (mapped from the top-level ``kernels/`` folder so users never set PYTHONPATH).
+* Pure-Python package ``wweight``; its Triton kernels are the subpackage ``wweight/kernels/``.
 * ``wweight._cpu``: C++/OpenMP CPU kernels (pybind11 over raw pointers), built with the host
   compiler. ``WWEIGHT_BUILD_CPU=0`` skips it (the vectorised-torch path then runs); a failed
   build is a warning unless ``WWEIGHT_BUILD_CPU=1``.
@@ -163,8 +162,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["wweight", "wweight.*"]) + ["wweight.kernels"],
-    package_dir={"wweight.kernels": "kernels"},
+    packages=find_packages(include=["wweight", "wweight.*"]),
     package_data={"wweight": ["data/*.json", "data/*.yaml"]},
     ext_modules=[CpuExtension("wweight._cpu", sources=cpu_sources)]
     + ([NvccExtension("wweight._cuda", sources=cuda_sources)] if cuda_sources else []),

@@ -29,6 +29,7 @@ import time
 import torch
 
 from benchmarks.common import bench, write_results
+from wweight.methods import ISO_METHODS
 
 VIT_SHAPES = {"attn.in_proj_weight": (2304, 768), "attn.out_proj.weight": (768, 768),
               "mlp.c_fc.weight": (3072, 768), "mlp.c_proj.weight": (768, 3072)}
@@ -159,7 +160,7 @@ def main(argv=None):
     p.add_argument("--models", default=None, help="comma list of vit,llama (default: both; quick: vit)")
     p.add_argument("--tasks", default=None, help="comma list of task counts for vit (default 8,14,20)")
     p.add_argument("--layers", type=int, default=None, help="layers per model (default: full model)")
-    p.add_argument("--methods", default="iso_c,iso_cts,tsv_m")
+    p.add_argument("--methods", default=",".join(ISO_METHODS), help="comma list (default: every iso method)")
     p.add_argument("--error-keys", type=int, default=None, help="keys per shape checked vs float64 (default: all for vit, 1 for llama)")
     p.add_argument("--max-time", type=float, default=600.0)
     p.add_argument("--tag", default=None, help="results file suffix (default: the device tag, e.g. cpu)")

@@ -33,7 +33,7 @@ def _scipy_loop(cost_np):
 
 def bench_lap(device, sizes, batch, head_n, rows, max_time):
     import wweight
-    import wweight.lap as lap
+    import wweight.backends.torch.permute as lap
 
     g = torch.Generator().manual_seed(0)
     for n in sizes:
@@ -135,7 +135,7 @@ def _gpt2_sd(n_layer=12, d=768, vocab=50257, n_pos=1024, seed=0):
 
 def bench_matching(device, quick, max_iter, rows, reps=2):
     import wweight
-    from wweight.permute_specs import gpt2_spec, resnet_spec
+    from wweight.permute.specs import gpt2_spec, resnet_spec
     from wweight.reference.permute import weight_matching_reference
 
     cases = [("ResNet-20 x4", resnet_spec((3, 3, 3)), _resnet_sd(seed=0), _resnet_sd(seed=1), None)]
@@ -181,7 +181,7 @@ def bench_matching(device, quick, max_iter, rows, reps=2):
 def barrier_experiment(plot_path):
     from wweight.examples.digits import load_digits_tensors, loss, make_mlp, train
     from wweight.permute import apply_permutation, weight_matching
-    from wweight.permute_specs import mlp_spec
+    from wweight.permute.specs import mlp_spec
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -16,7 +16,7 @@ import gc
 import torch
 
 import wweight
-from wweight import _dispatch
+from wweight import _ext
 
 from .common import bench, copy_bandwidth, device_name, write_results
 
@@ -32,12 +32,12 @@ def mergekit_merge_fn(method, base, tensors, density):
     m = mk_get(method)
     group = TensorGroup.from_tensors([base, *tensors], base_index=0)
     ids = [e.id for e in group.entries if not e.is_base]
-    from wweight.reference.sparse import TA_METHODS
+    from wweight import methods as M
 
-    _, _, norm, resc = TA_METHODS[method]
-    params = {"int8_mask": False, "normalize": norm, "rescale": resc, "lambda": 1.0,
+    spec = M.get(method)  # the same defaults for both tools: the registry's (= mergekit's)
+    params = {"int8_mask": False, "normalize": spec.normalize, "rescale": spec.rescale, "lambda": M.LAMBDA.default,
               "weight": {i: 1.0 for i in ids}, "density": {i: density for i in ids},
-              "gamma": {i: 0.01 for i in ids}, "epsilon": {i: 0.15 for i in ids}}
+              "gamma": {i: M.GAMMA.default for i in ids}, "epsilon": {i: M.EPSILON.default for i in ids}}
     return lambda: m.merge_group(group, **params)
 
 
@@ -66,8 +66,8 @@ def main(argv=None):
     if args.dtypes:
         dtypes = args.dtypes.split(",")
     methods = args.methods.split(",")
-    backends = ["cuda", "triton", "torch"] if dev.type == "cuda" else (["cpu", "torch"] if _dispatch.cpu_extension() else ["torch"])
-    if dev.type == "cuda" and _dispatch.cuda_extension() is None:
+    backends = ["cuda", "triton", "torch"] if dev.type == "cuda" else (["cpu", "torch"] if _ext.cpu_extension() else ["torch"])
+    if dev.type == "cuda" and _ext.cuda_extension() is None:
         backends.remove("cuda")
 
     bw = copy_bandwidth(dev)

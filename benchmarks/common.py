@@ -46,9 +46,9 @@ def environment(device) -> Dict[str, str]:
     if torch.device(device).type == "cuda":
         env["cuda"] = torch.version.cuda
     try:
-        from wweight import _dispatch
+        from wweight import _ext
 
-        env["wweight_cuda_extension"] = "built" if _dispatch.cuda_extension() is not None else "absent"
+        env["wweight_cuda_extension"] = "built" if _ext.cuda_extension() is not None else "absent"
     except Exception:
         pass
     return env

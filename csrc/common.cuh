@@ -7,10 +7,9 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-namespace wweight {
+#include "dtype.h"
 
-// dtype codes shared with wweight/_cuda_util.py
-enum DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+namespace wweight {
 
 inline void check_cuda(cudaError_t e, const char* what) {
     if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));

@@ -1,4 +1,5 @@
-// CUDA kernels of the quant op family (see wweight/quant.py for the public op and
+// CUDA kernels of the quant op family (see wweight/quant/ops.py for the public op,
+// wweight/backends/cuda/quant.py for the glue, and
 // wweight/reference/quant.py for the exact arithmetic they reproduce).
 //
 //   quant_stats   per-(block, 1024-column chunk) min/max (or absmax) of non-outlier elements;
@@ -22,7 +23,59 @@ using namespace wweight;
 
 namespace {
 
-constexpr int kCols = 1024;  // columns per stats chunk; must match _cuda_stats in wweight/quant.py
+constexpr int kCols = 1024;  // columns per stats chunk; must match block_stats in wweight/backends/cuda/quant.py
+
+// min / max / absmax of the non-outlier elements one warp visits (outliers: |v| >= thr when excl,
+// or mask[off] set); shared by the statistics kernel and the one-pass kernel.
+struct WarpStats {
+    float lo = INFINITY, hi = -INFINITY, amax = 0.f;
+
+    template <typename T>
+    __device__ __forceinline__ void add(const T* __restrict__ x, const uint8_t* __restrict__ mask, int64_t off,
+                                        float thr, bool excl) {
+        const float v = to_f32<T>(x[off]);
+        bool keep = !(excl && fabsf(v) >= thr);
+        if (mask != nullptr && mask[off]) keep = false;
+        if (keep) {
+            lo = fminf(lo, v);
+            hi = fmaxf(hi, v);
+            amax = fmaxf(amax, fabsf(v));
+        }
+    }
+
+    __device__ __forceinline__ void warp_reduce() {
+#pragma unroll
+        for (int s = 16; s > 0; s >>= 1) {
+            lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, s));
+            hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, s));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, s));
+        }
+    }
+};
+
+// The RTN code of v for the stored scale s (and zero z, asymmetric): exactly the reference's
+// round((v - z) / s) (IEEE division, round half to even), clamped; scale 0 gives the zero code.
+template <int BITS>
+__device__ __forceinline__ uint64_t code_of(float v, float s, float z, bool sym) {
+    constexpr int kHalf = 1 << (BITS - 1);
+    constexpr float kMax = (float)((1 << BITS) - 1);
+    float q;
+    if (sym) {
+        q = s > 0.f ? rintf(__fdiv_rn(v, s)) : 0.f;
+        q = fminf(fmaxf(q, (float)-kHalf), (float)(kHalf - 1)) + (float)kHalf;
+    } else {
+        q = s > 0.f ? rintf(__fdiv_rn(__fsub_rn(v, z), s)) : 0.f;
+        q = fminf(fmaxf(q, 0.f), kMax);
+    }
+    return (uint64_t)q;
+}
+
+// A group of 8 codes (code j at bits [BITS*(7-j), BITS*(8-j)) of word) as BITS big-endian bytes.
+template <int BITS>
+__device__ __forceinline__ void store_group(uint8_t* __restrict__ out, int64_t g, uint64_t word) {
+#pragma unroll
+    for (int j = 0; j < BITS; ++j) out[g * BITS + j] = (uint8_t)((word >> (8 * (BITS - 1 - j))) & 0xffu);
+}
 
 template <typename T>
 __global__ void stats_kernel(const T* __restrict__ x, const uint8_t* __restrict__ mask, float* __restrict__ pmin,
@@ -38,31 +91,19 @@ __global__ void stats_kernel(const T* __restrict__ x, const uint8_t* __restrict_
         const int64_t col0 = c * kCols;
         int64_t col1 = col0 + kCols;
         if (col1 > bs) col1 = bs;
-        float lo = INFINITY, hi = -INFINITY, amax = 0.f;
+        WarpStats st;
         for (int64_t col = col0 + lane; col < col1; col += 32) {
             const int64_t off = b * bs + col;
             if (off >= n) break;
-            const float v = to_f32<T>(x[off]);
-            bool keep = !(excl && fabsf(v) >= thr);
-            if (mask != nullptr && mask[off]) keep = false;
-            if (keep) {
-                lo = fminf(lo, v);
-                hi = fmaxf(hi, v);
-                amax = fmaxf(amax, fabsf(v));
-            }
+            st.add(x, mask, off, thr, excl);
         }
-#pragma unroll
-        for (int s = 16; s > 0; s >>= 1) {
-            lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, s));
-            hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, s));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, s));
-        }
+        st.warp_reduce();
         if (lane == 0) {
             if (sym) {
-                pmax[item] = amax;
+                pmax[item] = st.amax;
             } else {
-                pmin[item] = lo;
-                pmax[item] = hi;
+                pmin[item] = st.lo;
+                pmax[item] = st.hi;
             }
         }
     }
@@ -71,8 +112,6 @@ __global__ void stats_kernel(const T* __restrict__ x, const uint8_t* __restrict_
 template <typename T, int BITS>
 __global__ void pack_kernel(const T* __restrict__ x, const float* __restrict__ scale, const float* __restrict__ zero,
                             uint8_t* __restrict__ out, int64_t n, int64_t bs, int64_t ngroups) {
-    constexpr int kHalf = 1 << (BITS - 1);
-    constexpr float kMax = (float)((1 << BITS) - 1);
     for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < ngroups;
          g += (int64_t)gridDim.x * blockDim.x) {
         uint64_t word = 0;
@@ -84,23 +123,12 @@ __global__ void pack_kernel(const T* __restrict__ x, const float* __restrict__ s
             const int64_t off = g * 8 + j;
             uint64_t code = 0;
             if (off < n) {
-                const float v = to_f32<T>(x[off]);
                 const int64_t blk = aligned ? blk0 : off / bs;
-                const float s = scale[blk];
-                float q;
-                if (zero == nullptr) {
-                    q = s > 0.f ? rintf(__fdiv_rn(v, s)) : 0.f;
-                    q = fminf(fmaxf(q, (float)-kHalf), (float)(kHalf - 1)) + (float)kHalf;
-                } else {
-                    q = s > 0.f ? rintf(__fdiv_rn(__fsub_rn(v, zero[blk]), s)) : 0.f;
-                    q = fminf(fmaxf(q, 0.f), kMax);
-                }
-                code = (uint64_t)q;
+                code = code_of<BITS>(to_f32<T>(x[off]), scale[blk], zero == nullptr ? 0.f : zero[blk], zero == nullptr);
             }
             word |= code << (BITS * (7 - j));
         }
-#pragma unroll
-        for (int j = 0; j < BITS; ++j) out[g * BITS + j] = (uint8_t)((word >> (8 * (BITS - 1 - j))) & 0xffu);
+        store_group<BITS>(out, g, word);
     }
 }
 
@@ -147,25 +175,15 @@ __global__ void quant_fused_kernel(const T* __restrict__ x, const uint8_t* __res
     for (int64_t b = (int64_t)blockIdx.x * warps_per_block + (threadIdx.x >> 5); b < nb;
          b += (int64_t)gridDim.x * warps_per_block) {
         const int64_t base = b * bs;
-        float lo = INFINITY, hi = -INFINITY, amax = 0.f;
+        WarpStats st;
         for (int64_t c = lane; c < bs; c += 32) {
             const int64_t off = base + c;
             if (off >= n) break;
-            const float v = to_f32<T>(x[off]);
-            bool keep = !(excl && fabsf(v) >= thr);
-            if (mask != nullptr && mask[off]) keep = false;
-            if (keep) {
-                lo = fminf(lo, v);
-                hi = fmaxf(hi, v);
-                amax = fmaxf(amax, fabsf(v));
-            }
+            st.add(x, mask, off, thr, excl);
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-            hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        }
+        st.warp_reduce();
+        float lo = st.lo, hi = st.hi;
+        const float amax = st.amax;
         if (lo > hi) lo = hi = 0.f;  // every element of the block is an outlier
         float s, z = 0.f;
         if (sym) {
@@ -189,22 +207,10 @@ __global__ void quant_fused_kernel(const T* __restrict__ x, const uint8_t* __res
             for (int j = 0; j < 8; ++j) {
                 const int64_t off = g * 8 + j;
                 uint64_t code = 0;
-                if (off < n) {
-                    const float v = to_f32<T>(x[off]);
-                    float q;
-                    if (sym) {
-                        q = s > 0.f ? rintf(__fdiv_rn(v, s)) : 0.f;
-                        q = fminf(fmaxf(q, (float)-kHalf), (float)(kHalf - 1)) + (float)kHalf;
-                    } else {
-                        q = s > 0.f ? rintf(__fdiv_rn(__fsub_rn(v, z), s)) : 0.f;
-                        q = fminf(fmaxf(q, 0.f), kMax);
-                    }
-                    code = (uint64_t)q;
-                }
+                if (off < n) code = code_of<BITS>(to_f32<T>(x[off]), s, z, sym);
                 word |= code << (BITS * (7 - j));
             }
-#pragma unroll
-            for (int j = 0; j < BITS; ++j) out[g * BITS + j] = (uint8_t)((word >> (8 * (BITS - 1 - j))) & 0xffu);
+            store_group<BITS>(out, g, word);
         }
     }
 }

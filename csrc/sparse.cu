@@ -1,4 +1,5 @@
-// CUDA kernels of the sparse family: the four primitives of wweight/sparse_plan.py.
+// CUDA kernels of the sparse family: the four primitives of wweight/sparse/plan.py (glue:
+// wweight/backends/cuda/sparse.py).
 //
 //  * sparse_digit_hist   one radix-select pass (shared-memory histogram per CTA, one global
 //                        atomic per bin per CTA), all queries in one launch (grid.y = query)
@@ -27,7 +28,8 @@ namespace {
 
 constexpr int THREADS = 256;
 constexpr int PER_THREAD = 4;
-constexpr int64_t BLOCK = THREADS * PER_THREAD;   // == wweight/sparse_plan.py BLOCK
+constexpr int64_t BLOCK = THREADS * PER_THREAD;
+static_assert(BLOCK == kBlock, "a CTA owns one tie block (wweight/sparse/plan.py BLOCK)");
 constexpr int MAX_K = 64;                         // models per launch (pointer table in constant args)
 
 struct Ptrs {

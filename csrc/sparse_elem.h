@@ -2,7 +2,7 @@
 // and CUDA (csrc/sparse.cu) kernels so both compute the very same numbers; the CPU build is
 // tested against the torch reference in CI, which also checks this code for the GPU build.
 //
-// Mirrors kernels/sparse.py (Triton) and wweight/cpu/sparse.py: deltas rounded to the input
+// Mirrors wweight/kernels/sparse.py (Triton) and wweight/backends/torch/sparse.py: deltas rounded to the input
 // dtype where mergekit's torch code rounds, magnitude keys, Philox4x32-10 uniforms, keep
 // windows with stable-sort tie ranks.
 #pragma once
@@ -11,6 +11,8 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+
+#include "dtype.h"
 
 #if defined(__CUDACC__)
 #define WW_HD __host__ __device__ __forceinline__
@@ -21,8 +23,14 @@
 namespace wweight {
 namespace elem {
 
-enum DTypeCode : int { F32 = 0, F16 = 1, BF16 = 2 };
+using ::wweight::BF16;
+using ::wweight::F16;
+using ::wweight::F32;
+
+// == wweight/sparse/plan.py MODE_* and BLOCK (tie offsets are counted per block of kBlock elements);
+// both extensions export kBlock as SPARSE_BLOCK and tests/test_build.py checks it
 enum Mode : int { MODE_NONE = 0, MODE_WINDOW = 1, MODE_RANDOM = 2 };
+constexpr int64_t kBlock = 1024;
 
 WW_HD uint32_t f32_bits(float f) {
 #if defined(__CUDA_ARCH__)
@@ -147,7 +155,7 @@ WW_HD void uniform4(int64_t q, uint64_t seed, uint32_t s, float u[4]) {
     for (int j = 0; j < 4; ++j) u[j] = float(c[j] >> 8) * (1.0f / 16777216.0f);
 }
 
-// Keep-window parameters of one model (see wweight/sparse_plan.py: kp rows).
+// Keep-window parameters of one model (see wweight/sparse/plan.py: kp rows).
 struct Window {
     int64_t key_lo, key_hi, a, b, c, e;
 };

@@ -153,7 +153,7 @@ def test_full_disk_is_detected_before_writing(tmp_path, monkeypatch):
     import collections
 
     Usage = collections.namedtuple("Usage", "total used free")
-    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: Usage(10 ** 6, 10 ** 6, 1000))
+    monkeypatch.setattr(ck.atomic.shutil, "disk_usage", lambda p: Usage(10 ** 6, 10 ** 6, 1000))
     with pytest.raises(CheckpointError, match="not enough disk space"):
         save_checkpoint(str(tmp_path / "o"), {"w": torch.ones(10)})
     assert not (tmp_path / "o").exists() and not leftovers(tmp_path, "o")
@@ -162,7 +162,7 @@ def test_full_disk_is_detected_before_writing(tmp_path, monkeypatch):
     def enospc(fd, off, n):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ck.os, "posix_fallocate", enospc)
+    monkeypatch.setattr(ck.writer.os, "posix_fallocate", enospc)
     with pytest.raises(CheckpointError, match="no space left"):
         save_checkpoint(str(tmp_path / "o"), {"w": torch.ones(10)})
     assert not (tmp_path / "o").exists() and not leftovers(tmp_path, "o")

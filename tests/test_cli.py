@@ -186,12 +186,12 @@ def test_bad_models(tmp_path, capsys, zoo):
     from wweight import checkpoint as ck
 
     Usage = collections.namedtuple("Usage", "total used free")
-    orig = ck.shutil.disk_usage
-    ck.shutil.disk_usage = lambda p: Usage(1, 1, 10)
+    orig = ck.atomic.shutil.disk_usage
+    ck.atomic.shutil.disk_usage = lambda p: Usage(1, 1, 10)
     try:
         _expect_error(capsys, tmp_path, ["merge", cfg, out], r"not enough disk space")
     finally:
-        ck.shutil.disk_usage = orig
+        ck.atomic.shutil.disk_usage = orig
     # non-empty OUT_DIR
     out.mkdir()
     (out / "x").write_text("keep me")

@@ -4,7 +4,7 @@ float64 reference, the Triton task-vector kernel under the interpreter, state-di
 import pytest
 import torch
 
-from wweight import iso
+from wweight.iso import ops as iso
 from wweight.reference import iso as ref
 from conftest import requires_triton
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from wweight.permute import PermutationSpec, apply_permutation, random_permutation, weight_matching
-from wweight.permute_specs import mlp_spec
+from wweight.permute.specs import mlp_spec
 from wweight.reference.permute import apply_permutation_reference, weight_matching_reference
 
 
@@ -189,7 +189,7 @@ def test_weight_matching_with_auction_lap():
     """The GPU LAP path (forced on CPU) inside weight matching gives the same perms as scipy."""
     spec, sd = _heads_spec_params(H=4, d=5, D=7, seed=4)
     _, other = _heads_spec_params(H=4, d=5, D=7, seed=5)
-    import wweight.lap as lap
+    import wweight.backends.torch.permute as lap
 
     p_scipy = weight_matching(spec, sd, other, seed=1, lap_method="scipy")
     before = dict(lap.stats)

@@ -9,7 +9,7 @@ import torch
 
 from wweight.examples.digits import load_digits_tensors, loss, make_mlp, train
 from wweight.permute import apply_permutation, random_permutation, weight_matching
-from wweight.permute_specs import mlp_spec
+from wweight.permute.specs import mlp_spec
 
 HIDDEN = (128, 128)
 

@@ -12,7 +12,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from wweight.permute import apply_permutation, random_permutation, weight_matching
-from wweight.permute_specs import cnn_spec, gpt2_spec, llama_spec, mlp_spec, resnet_spec
+from wweight.permute.specs import cnn_spec, gpt2_spec, llama_spec, mlp_spec, resnet_spec
 
 
 def _assert_preserved(spec, model, inputs, seed=0, atol=1e-5):

@@ -7,6 +7,7 @@ import torch
 
 import wweight
 from wweight import quant as Q
+from wweight.quant import ops as QO
 from wweight.reference import quant as R
 
 from conftest import requires_cuda, requires_triton
@@ -130,7 +131,7 @@ def test_torch_backend_dtypes(dtype):
 def test_torch_backend_chunk_boundaries(monkeypatch, workers):
     # small chunks so that blocks straddle chunk boundaries (head / middle / tail segments) and,
     # with 3 worker threads, the boundaries between the threads' runs of chunks
-    from wweight.cpu import quant as C
+    from wweight.backends.torch import quant as C
 
     monkeypatch.setattr(C, "CHUNK", 48)
     monkeypatch.setattr(C, "_workers", lambda: workers)
@@ -172,7 +173,7 @@ def test_triton_half_and_large_block(triton_device):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_triton_fused_and_two_pass_paths(fused, scale_dtype, triton_device, monkeypatch):
-    from wweight.kernels import quant as K
+    from wweight.backends.triton import quant as K
 
     if triton_device != "cpu":
         pytest.skip("exactness of the interpreter run")
@@ -192,9 +193,9 @@ def test_triton_fused_and_two_pass_paths(fused, scale_dtype, triton_device, monk
 @requires_cuda
 @pytest.mark.parametrize("bits,bs,sym,outliers", CASES)
 def test_cuda_matches_reference(bits, bs, sym, outliers):  # pragma: no cover - needs a GPU
-    from wweight import _dispatch
+    from wweight import _ext
 
-    if _dispatch.cuda_extension() is None:
+    if _ext.cuda_extension() is None:
         pytest.skip("CUDA extension not built")
     w = _w((24, 61), bits)
     bs_i = bs if not isinstance(bs, str) else {"row": 61, "tensor": 24 * 61}[bs]
@@ -335,12 +336,12 @@ def test_custom_ops_opcheck():
     w = _w((40, 24), 21)
     mask = torch.zeros(w.numel(), dtype=torch.bool)
     mask[3] = True
-    torch.library.opcheck(Q._quantize_op, (w.reshape(-1), mask, 2.0, 4, 64, False, -1.0, torch.float16, None),
+    torch.library.opcheck(QO._quantize_op, (w.reshape(-1), mask, 2.0, 4, 64, False, -1.0, torch.float16, None),
                           test_utils=("test_schema", "test_faketensor"))
     q = wweight.quantize(w, 4, 64, outliers=0.01)
-    torch.library.opcheck(Q._dequantize_op, (q.codes, q.scale, q.zero, q.outlier_idx, q.outlier_val, [40, 24],
+    torch.library.opcheck(QO._dequantize_op, (q.codes, q.scale, q.zero, q.outlier_idx, q.outlier_val, [40, 24],
                                              torch.float32, 4, 64, None))
-    torch.library.opcheck(Q._dq_matmul_op, (torch.randn(3, 24), q.codes, q.scale, q.zero, q.outlier_idx,
+    torch.library.opcheck(QO._dq_matmul_op, (torch.randn(3, 24), q.codes, q.scale, q.zero, q.outlier_idx,
                                             q.outlier_val, 40, 24, torch.float32, 4, 64, None))
 
 

@@ -63,7 +63,7 @@ def stable_sorts():
 
 
 def _spec(name):
-    from wweight.reference.sparse import TA_METHODS
+    from wweight.methods import TA_METHODS
 
     cons, spars, norm, resc = TA_METHODS[name]
     C, S = mk_gta.ConsensusMethod, mk_sparsify.SparsificationMethod
@@ -152,7 +152,7 @@ def test_merge_matches_mergekit(method, dtype):
         lam = rng.choice([1.0, 0.7])
         normalize = rng.choice([None, True, False])
         rescale = rng.choice([None, True, False])
-        from wweight.reference.sparse import TA_METHODS
+        from wweight.methods import TA_METHODS
 
         _, _, dn, dr = TA_METHODS[method]
         nz = dn if normalize is None else normalize

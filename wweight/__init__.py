@@ -9,11 +9,13 @@ Op families (public op / reference / Triton kernel / CUDA kernel / test / benchm
   :func:`apply_permutation`, :func:`linear_sum_assignment`
 * quantization with outlier preservation: :func:`quantize`, :func:`dequantize`, :class:`QuantizedTensor`
 
-Backends: ``wweight.use_backend("cuda"|"triton"|"torch"|"reference")`` or ``backend=`` per call.
+Backends: ``wweight.use_backend("cuda"|"triton"|"cpu"|"torch"|"reference")`` or ``backend=`` per call.
+Merge methods: the registry :mod:`wweight.methods`. Re-exports only: the code lives in the family
+packages (``sparse/``, ``iso/``, ``permute/``, ``quant/``), ``merge.py`` and ``checkpoint/``.
 """
 from ._dispatch import use_backend, BACKENDS
-from .sparse import sparsify, kth_largest_abs
-from .merge import merge_tensors, merge_state_dicts, MERGE_METHODS, key_seed
+from .sparse import sparsify, kth_largest_abs, key_seed
+from .merge import merge_tensors, merge_state_dicts, MERGE_METHODS
 from .iso import ISO_METHODS, iso_merge_tensors, iso_merge_state_dicts
 from .permute import (
     PermutationSpec,
@@ -21,8 +23,12 @@ from .permute import (
     apply_permutation,
     linear_sum_assignment,
     random_permutation,
+    mlp_spec,
+    cnn_spec,
+    resnet_spec,
+    gpt2_spec,
+    llama_spec,
 )
-from .permute_specs import mlp_spec, cnn_spec, resnet_spec, gpt2_spec, llama_spec
 from .quant import (
     QuantizedTensor,
     quantize,

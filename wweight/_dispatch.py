@@ -15,8 +15,9 @@ Every public op resolves one backend name before it runs:
 C++ extension -> torch on CPU tensors. A backend can be forced per call (``backend=``), per block
 (``with wweight.use_backend("triton"):``) or per process (``WWEIGHT_BACKEND=triton``).
 
+The code that runs a resolved backend is :func:`backend_module` (``wweight/backends/<name>/<family>.py``).
 CUDA kernels that were never run on the machine's GPU get a one-off self-test against the
-reference the first time they are chosen (``register_selftest``); a failing kernel is
+reference the first time they are chosen (``SELFTESTS`` of the family's CUDA glue); a failing kernel is
 disabled with a warning and the next backend is used, so a bad build never returns silently
 wrong numbers.
 """
@@ -27,15 +28,16 @@ import importlib
 import os
 import threading
 import warnings
-from typing import Callable, Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
+
+from ._ext import cpu_extension, cpu_extension_error, cuda_extension, cuda_extension_error
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
 _VALID = BACKENDS + ("auto",)
 
 _local = threading.local()
-_selftests: Dict[str, Callable[[torch.device], bool]] = {}
 _selftest_results: Dict[tuple, bool] = {}
 _lock = threading.Lock()
 
@@ -89,43 +91,32 @@ def triton_available() -> bool:
     return _triton_ok
 
 
-_extensions: Dict[str, tuple] = {}   # module name -> (module or None, import error or None)
+_modules: Dict[Tuple[str, str], object] = {}
 
 
-def _extension(name: str):
-    """Import a compiled extension once; remember the module or why it is missing."""
-    if name not in _extensions:
-        try:
-            _extensions[name] = (importlib.import_module(name), None)
-        except Exception as e:  # not built (no nvcc/compiler at install time) or no driver
-            _extensions[name] = (None, f"{type(e).__name__}: {e}")
-    return _extensions[name]
+def backend_module(family: str, name: str):
+    """The glue of op family ``family`` for backend ``name``: ``wweight.backends.<name>.<family>``.
+
+    Every module of one family has the same primitives (see ``wweight/backends/__init__.py``), so an
+    op runs any backend through one code path. Imported on first use: the Triton glue imports
+    triton, and ``TRITON_INTERPRET`` must be set before that happens.
+    """
+    key = (family, name)
+    mod = _modules.get(key)
+    if mod is None:
+        if name not in ("cuda", "triton", "cpu", "torch"):
+            raise ValueError(f"backend {name!r} has no kernel glue (expected cuda, triton, cpu or torch)")
+        mod = importlib.import_module(f"wweight.backends.{name}.{family}")
+        _modules[key] = mod
+    return mod
 
 
-def cuda_extension():
-    """The compiled ``wweight._cuda`` module, or None when it was not built."""
-    return _extension("wweight._cuda")[0]
+def _selftest(family: str, op: str):
+    """The CUDA self-test of kernel set ``op``: ``SELFTESTS[op]`` of ``wweight.backends.cuda.<family>``."""
+    return getattr(backend_module(family, "cuda"), "SELFTESTS", {}).get(op)
 
 
-def cuda_extension_error() -> Optional[str]:
-    return _extension("wweight._cuda")[1]
-
-
-def cpu_extension():
-    """The compiled ``wweight._cpu`` module (C++/OpenMP), or None when it was not built."""
-    return _extension("wweight._cpu")[0]
-
-
-def cpu_extension_error() -> Optional[str]:
-    return _extension("wweight._cpu")[1]
-
-
-def register_selftest(op: str, fn: Callable[[torch.device], bool]) -> None:
-    """``fn(device) -> bool`` runs the op's CUDA kernel on a small input against the reference."""
-    _selftests[op] = fn
-
-
-def _cuda_op_ok(op: str, device: torch.device) -> bool:
+def _cuda_op_ok(op: str, family: str, device: torch.device) -> bool:
     ext = cuda_extension()
     if ext is None or not hasattr(ext, op):
         return False
@@ -134,14 +125,14 @@ def _cuda_op_ok(op: str, device: torch.device) -> bool:
     key = (op, device.index)
     with _lock:
         if key not in _selftest_results:
-            fn = _selftests.get(op)
             ok = True
-            if fn is not None:
-                try:
+            try:
+                fn = _selftest(family, op)
+                if fn is not None:
                     ok = bool(fn(device))
-                except Exception as e:  # a crash in the kernel counts as a failure
-                    warnings.warn(f"wweight: CUDA self-test of {op} raised {e!r}")
-                    ok = False
+            except Exception as e:  # a crash in the kernel counts as a failure
+                warnings.warn(f"wweight: CUDA self-test of {op} raised {e!r}")
+                ok = False
             if not ok:
                 warnings.warn(
                     f"wweight: CUDA kernel {op!r} failed its self-test on {device}; "
@@ -156,12 +147,15 @@ def resolve(
     device: torch.device,
     backend: Optional[str] = None,
     *,
+    family: str,
     has_cuda: bool = True,
     has_triton: bool = True,
     has_cpu: bool = False,
 ) -> str:
     """Pick the backend that runs ``op`` on tensors living on ``device``.
 
+    ``op`` names the CUDA kernel set (an attribute of ``wweight._cuda``, whose self-test is
+    ``SELFTESTS[op]`` in ``wweight.backends.cuda.<family>``) and prefixes the errors.
     ``has_cuda`` / ``has_triton`` / ``has_cpu`` say whether the op family has that kind of kernel.
     An explicitly requested backend that cannot run raises ``RuntimeError`` (never a silent
     substitution: benchmarks and tests rely on getting what they asked for).
@@ -170,7 +164,7 @@ def resolve(
     dev = torch.device(device)
     if want == "auto":
         if dev.type == "cuda":
-            if has_cuda and _cuda_op_ok(op, dev):
+            if has_cuda and _cuda_op_ok(op, family, dev):
                 return "cuda"
             if has_triton and triton_available():
                 return "triton"

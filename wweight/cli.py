@@ -31,14 +31,27 @@ def _common_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar / plan, only errors")
 
 
+def _methods_epilog() -> str:
+    """The merge methods and their parameters, from the method registry (wweight.methods)."""
+    from . import methods as M
+
+    lines = ["merge methods (mergekit's names; parameters: per model | shared):"]
+    for name in M.registered():
+        m = M.get(name)
+        per, shared = ", ".join(m.names(M.PER_MODEL)) or "-", ", ".join(m.names(M.SHARED)) or "-"
+        lines.append(f"  {name:<18} {per} | {shared}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="wweight", description="Merge, align and quantize whole checkpoints (safetensors).")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     m = sub.add_parser("merge", help="merge models from a mergekit-style YAML config",
-                       description="Merge models from a mergekit-style YAML config into OUT_DIR "
-                                   "(Hugging Face layout, sharded safetensors).")
+                       description="Merge models from a mergekit-style YAML config into OUT_DIR (Hugging Face\n"
+                                   "layout, sharded safetensors).",
+                       epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("config", metavar="CONFIG.yaml")
     m.add_argument("out_dir", metavar="OUT_DIR")
     m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")

@@ -38,31 +38,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-# Task-arithmetic family: parameters mergekit's GeneralizedTaskArithmeticMerge declares for each method.
-_GTA_SHARED = ("normalize", "rescale", "lambda", "int8_mask")
-_GTA_PER_MODEL = ("weight", "density")
-METHOD_PARAMS: Dict[str, Dict[str, Sequence[str]]] = {
-    "linear": {"shared": ("normalize",), "per_model": ("weight",)},
-    "task_arithmetic": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL},
-    "ties": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL},
-    "dare_ties": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL},
-    "dare_linear": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL},
-    "breadcrumbs": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL + ("gamma",)},
-    "breadcrumbs_ties": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL + ("gamma",)},
-    "della": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL + ("epsilon",)},
-    "della_linear": {"shared": _GTA_SHARED, "per_model": _GTA_PER_MODEL + ("epsilon",)},
-    # Isotropic merges act on the whole task-vector set of a key; they take one scale ``alpha``
-    # (Iso-C / Iso-CTS / TSV-M papers) and Iso-CTS its common-subspace fraction.
-    "iso_c": {"shared": ("alpha",), "per_model": ()},
-    "iso_cts": {"shared": ("alpha", "common_space_fraction"), "per_model": ()},
-    "tsv_m": {"shared": ("alpha",), "per_model": ()},
-}
-METHODS = tuple(METHOD_PARAMS)
-ISO_METHODS = ("iso_c", "iso_cts", "tsv_m")
-#: Methods whose base model is required (the merge acts on task vectors).
-NEEDS_BASE = tuple(m for m in METHODS if m != "linear")
+from . import methods as M
 
-_BOOL_PARAMS = ("normalize", "rescale", "int8_mask")
+#: Methods the YAML accepts, their parameters, scopes, defaults and ranges: the one registry.
+METHODS = M.MERGE_METHODS
+ISO_METHODS = M.ISO_METHODS
+#: Methods whose base model is required (the merge acts on task vectors).
+NEEDS_BASE = tuple(m for m in METHODS if M.get(m).needs_base)
 
 DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -107,7 +89,7 @@ class MergeConfig:
         """Value of parameter ``name`` for ``tensor_name`` (and ``model`` for per-model ones)."""
         for params in ((model.parameters if model is not None else None), self.parameters):
             if params and name in params:
-                v = _evaluate(params[name], tensor_name)
+                v = evaluate_setting(params[name], tensor_name)
                 if v is not None:
                     return v
         return default
@@ -117,7 +99,7 @@ class MergeConfig:
         return self.method in ISO_METHODS
 
 
-def _evaluate(setting, tensor_name: str):
+def evaluate_setting(setting, tensor_name: str):
     """mergekit's ``evaluate_setting`` for scalars and ``{filter, value}`` lists (no gradients)."""
     if isinstance(setting, list):
         for cond in setting:
@@ -169,11 +151,13 @@ def _model_ref(v, where: str, src: str) -> str:
 
 
 def _check_param(name: str, value, where: str, src: str, method: str):
+    spec = M.get(method).param(name)
+
     def bad(expected):
         raise ConfigError(f"{src}: {where}.{name} must be {expected}, got {value!r}")
 
     def one(v):
-        if name in _BOOL_PARAMS:
+        if spec.kind is bool:
             if not isinstance(v, bool):
                 bad("true or false")
             return v
@@ -183,14 +167,8 @@ def _check_param(name: str, value, where: str, src: str, method: str):
                                   "interpolated over layers) are not supported by wweight")
             bad("a finite number")
         v = float(v)
-        if name == "density" and not 0.0 < v <= 1.0:
-            bad("in (0, 1]")
-        if name == "gamma" and not 0.0 <= v < 1.0:
-            bad("in [0, 1)")
-        if name == "epsilon" and not 0.0 <= v < 1.0:
-            bad("in [0, 1)")
-        if name == "common_space_fraction" and not 0.0 < v <= 1.0:
-            bad("in (0, 1]")
+        if v not in spec.config_range:
+            bad(f"in {spec.config_range}")
         return v
 
     if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
@@ -239,9 +217,9 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
     method = data.get("merge_method")
     if method is None:
         raise ConfigError(f"{src}: merge_method is required")
-    if method not in METHOD_PARAMS:
+    if method not in METHODS:
         raise ConfigError(f"{src}: unknown merge_method {method!r} (wweight supports {', '.join(METHODS)})")
-    spec = METHOD_PARAMS[method]
+    spec = M.get(method)
     cwd = cwd or os.getcwd()
 
     def absolute(p):
@@ -257,8 +235,8 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
     raw_models = data.get("models")
     if not isinstance(raw_models, list) or not raw_models:
         raise ConfigError(f"{src}: models must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-    allowed_model = tuple(spec["per_model"])
-    allowed_top = tuple(spec["shared"]) + allowed_model
+    allowed_model = spec.names(M.PER_MODEL)
+    allowed_top = spec.names(M.SHARED) + allowed_model
     models: List[ModelEntry] = []
     for i, m in enumerate(raw_models):
         where = f"models[{i}]"
@@ -274,10 +252,10 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
         entry = ModelEntry(absolute(ref), params, ref)
         # mergekit lists the base among `models` in many configs: for task-vector methods it is
         # not a task (its delta is zero) and mergekit drops it from the non-base inputs too.
-        if base is not None and method != "linear" and entry.path == base.path:
+        if base is not None and spec.needs_base and entry.path == base.path:
             continue
         models.append(entry)
-    if method == "linear" and base is not None and all(e.path != base.path for e in models):
+    if not spec.needs_base and base is not None and all(e.path != base.path for e in models):
         # mergekit's linear merge takes base_model as one more input (its weight comes from the
         # top-level parameters): same here, first in the input order.
         models.insert(0, ModelEntry(base.path, {}, base.name))
@@ -290,12 +268,12 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
         seen.add(e.path)
 
     top = _params(data.get("parameters"), "parameters", src, method, allowed_top)
-    if method not in ISO_METHODS and "weight" in allowed_model:
+    for name in (p.name for p in spec.params if p.required):  # mergekit's weight: no default in a config
         for i, e in enumerate(models):
-            if "weight" not in e.parameters and "weight" not in top:
+            if name not in e.parameters and name not in top:
                 who = "base_model" if base is not None and e.path == base.path else f"models[{i}]"
-                raise ConfigError(f"{src}: {who} ({e.name}) needs parameters.weight "
-                                  f"(merge_method {method!r} has no default weight)")
+                raise ConfigError(f"{src}: {who} ({e.name}) needs parameters.{name} "
+                                  f"(merge_method {method!r} has no default {name})")
 
     dtype = parse_dtype(data.get("dtype"), "dtype")
     out_dtype = parse_dtype(data.get("out_dtype"), "out_dtype")

@@ -2,12 +2,15 @@
 // compiler; optional: without it the vectorised-torch path runs). Each family adds register_*_cpu.
 #include <pybind11/pybind11.h>
 
+#include "../constants.h"
+
 namespace py = pybind11;
 
 void register_sparse_cpu(py::module_& m);
 
 PYBIND11_MODULE(_cpu, m) {
     m.doc() = "wweight CPU kernels (C++/OpenMP, raw-pointer pybind11 bindings)";
+    wweight::export_constants(m);
     register_sparse_cpu(m);
 #ifdef _OPENMP
     m.attr("openmp") = true;

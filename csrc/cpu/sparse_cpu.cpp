@@ -1,4 +1,4 @@
-// CPU (OpenMP) kernels of the sparse family: the four primitives of wweight/sparse_plan.py
+// CPU (OpenMP) kernels of the sparse family: the four primitives of wweight/sparse/plan.py
 // (digit_hist, tie_counts, rescale_stats, merge) over raw host pointers. One pass per
 // primitive, no temporaries: the torch path needs a dozen chunked ops (and K deltas per chunk)
 // for the same work. Element logic is shared with the CUDA kernels (csrc/sparse_elem.h).
@@ -19,7 +19,7 @@ using namespace wweight::elem;
 
 namespace {
 
-constexpr int64_t BLOCK = 1024;  // == wweight/sparse_plan.py BLOCK (tie offsets are per block)
+constexpr int64_t BLOCK = kBlock;  // tie offsets are per block (csrc/sparse_elem.h)
 
 struct In {
     std::vector<const void*> xs;

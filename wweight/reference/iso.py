@@ -42,8 +42,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..methods import ISO_METHODS
+
 RANK_RTOL = 1e-5
-ISO_METHODS = ("iso_c", "iso_cts", "tsv_m")
 
 
 def iso_cts_split(r: int, n_tasks: int, common_space_fraction: float) -> Tuple[int, int]:

@@ -1,7 +1,7 @@
 """Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11) in torch.
 
 The one random-number definition shared by every backend (this file, ``kernels/philox.py``,
-``csrc/philox.cuh``), so that DARE/DELLA masks are identical on CPU, in Triton and in CUDA.
+``csrc/sparse_elem.h``), so that DARE/DELLA masks are identical on CPU, in Triton and in CUDA.
 
 Stream layout: element ``i`` of stream ``s`` under key ``seed`` (64-bit) takes word ``i % 4``
 of ``philox(counter=(lo32(i // 4), hi32(i // 4), s, 0), key=(lo32(seed), hi32(seed)))``; its

@@ -28,10 +28,11 @@ Deliberate, documented differences from mergekit:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from ..methods import EPSILON, GAMMA, TA_METHODS  # TA_METHODS: name -> (consensus, sparsification, normalize, rescale)
 from .philox import philox_uniform
 
 EPS = 1e-7
@@ -80,7 +81,7 @@ def magnitude_ref(tensor, density, rescale_norm=None):
     return rescaled_masked_tensor(tensor, mask.reshape_as(tensor), rescale_norm, density)
 
 
-def magnitude_outliers_ref(tensor, density, rescale_norm=None, gamma=0.01):
+def magnitude_outliers_ref(tensor, density, rescale_norm=None, gamma=GAMMA.default):
     if density >= 1:
         return tensor.clone()
     n = tensor.numel()
@@ -141,7 +142,7 @@ def della_magprune_ref(tensor, density, epsilon, rescale_norm=None, seed=0, stre
     return rescaled_masked_tensor(tensor.to(wd), mask, rescale_norm, density).to(tensor.dtype)
 
 
-def sparsify_ref(tensor, density, method="magnitude", gamma=0.01, epsilon=0.15, rescale_norm=None,
+def sparsify_ref(tensor, density, method="magnitude", gamma=GAMMA.default, epsilon=EPSILON.default, rescale_norm=None,
                  seed=0, stream=0):
     if method == "magnitude":
         return magnitude_ref(tensor, density, rescale_norm)
@@ -152,19 +153,6 @@ def sparsify_ref(tensor, density, method="magnitude", gamma=0.01, epsilon=0.15, 
     if method == "della_magprune":
         return della_magprune_ref(tensor, density, epsilon, rescale_norm, seed, stream)
     raise NotImplementedError(method)
-
-
-# merge method -> (consensus "sum" or None, sparsification, default normalize, default rescale)
-TA_METHODS = {
-    "task_arithmetic": (None, None, False, False),
-    "ties": ("sum", "magnitude", True, False),
-    "dare_ties": ("sum", "random", False, True),
-    "dare_linear": (None, "random", False, True),
-    "breadcrumbs": (None, "magnitude_outliers", False, False),
-    "breadcrumbs_ties": ("sum", "magnitude_outliers", False, False),
-    "della": ("sum", "della_magprune", True, True),
-    "della_linear": (None, "della_magprune", False, True),
-}
 
 
 def get_mask_ref(delta: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:

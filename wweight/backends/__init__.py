@@ -1,0 +1,38 @@
+"""Per-backend glue: ``wweight/backends/<backend>/<family>.py``, one module per (backend, family).
+
+Data flows one way: public op (``wweight/<family>/``) -> ``wweight._dispatch.resolve`` picks a
+backend name -> :func:`wweight._dispatch.backend_module` imports the glue here -> the glue runs
+the kernel (``wweight/kernels/<family>.py`` for Triton, ``csrc/<family>.cu`` through ``wweight._cuda``
+for CUDA, ``csrc/cpu/<family>_cpu.cpp`` through ``wweight._cpu`` for the C++ CPU build) or is the
+vectorised-torch implementation itself. Glue never imports the public op layer; the shared
+algorithm of a family (``wweight/<family>/plan.py``, ``fused.py``, ``scales.py``, ...) may be used.
+
+Every module of a family has the same functions (the family's backend contract):
+
+``sparse`` (torch, cpu, cuda, triton) - over "the delta of model t", ``d_t = round(x_t - base)``
+(``x_t`` itself when ``base`` is None); ``xs`` are the K contiguous inputs:
+
+* ``digit_hist(xs, base, qmodel, prefix, shift, nbits, high_shift, has_prefix)`` -> (Q, 2**nbits)
+  int64 histogram of one radix digit of the magnitude keys, per query;
+* ``tie_counts(xs, base, qmodel, qkey)`` -> (Q, nblocks) int64: per ``BLOCK``, keys equal to the query's;
+* ``rescale_stats(xs, base, plan, norm)`` -> (K, 2) float64 (before, after) norms under the masks;
+* ``merge(xs, base, out, plan, weights, scales, lam, divisor_nc, consensus, normalize,
+  sparsify_only=False, round16=None)`` -> (K+1,) int32 NaN/Inf flags; writes ``out`` (the torch
+  module needs a ``base``: its ``linear`` merge is the reference, mergekit's fp32 ``addcmul``).
+
+``quant`` (torch, cuda, triton):
+
+* ``quantize(x, mask, thr, bits, bs, symmetric, clip, scale_dtype)`` -> (codes, scale, zero or
+  None, sorted outlier flat indices int64) of the flat contiguous ``x``;
+* ``dequantize(codes, scale, zero, n, dtype, bits, bs)`` -> flat tensor (outliers restored above);
+* triton only: ``dequant_matmul(x, codes, scale, zero, N, K, bits, bs)`` -> float32 ``x @ W_hat^T``.
+
+``iso`` (torch, triton): ``task_vectors(base, finetuned, each, total, bad, dtype)`` fills the task
+vectors, their sum and a per-task NaN/Inf count.
+
+``permute`` (torch): ``solve_square_max(benefit)`` -> (col, certified) for (B, n, n) benefits;
+``stats`` counts its work.
+
+A CUDA glue module also exports ``SELFTESTS = {kernel set: fn(device) -> bool}``: run the first time
+the kernel set is picked on a device, against the reference; a failure disables those kernels.
+"""

@@ -1,0 +1,1 @@
+"""Backend ``cpu``: the C++/OpenMP extension ``wweight._cpu`` (``csrc/cpu/``), CPU tensors only."""

@@ -1,0 +1,1 @@
+"""Backend ``cuda``: the pybind11 CUDA extension ``wweight._cuda`` (``csrc/*.cu``), CUDA tensors only."""

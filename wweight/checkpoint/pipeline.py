@@ -1,0 +1,289 @@
+"""Running a merge plan: reader thread -> compute -> writer thread, on one or several processes.
+
+:func:`run_merge` plans (:mod:`.plan`) and executes: a reader thread prefetches the next work
+items' inputs, the main thread merges on ``device`` (``wweight.merge_tensors``; iso methods on
+groups of keys through ``wweight.merge_state_dicts``), a writer thread writes results at their
+planned offsets. Host memory in flight is bounded by ``memory_budget``: at most ``depth``
+prefetched work items (all models' tensors of one key, or of one iso group), one computing and
+``depth`` outputs being written, with ``depth = clamp(budget // (2 * largest item's input bytes),
+1, 8)``; plus the merge op's own temporaries for one item. On CUDA the reads land in pinned
+buffers, host->device and device->host copies are issued ``non_blocking`` on the current stream
+and the writer thread waits on a CUDA event, so reading, compute and writing of different items
+overlap (no separate copy stream: untested on a GPU in this repository's CI).
+
+Merges follow mergekit's dtype rules (``mergekit/plan.py``): inputs are cast to the config's
+``dtype`` (default: their own dtype), merged in it, and cast to ``out_dtype`` (default: ``dtype``).
+DARE / DELLA masks are seeded per tensor from ``seed`` and the tensor's name
+(:func:`wweight.key_seed`, not the order of work), so the output does not depend on scheduling.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import uuid
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+
+from .. import methods as M
+from ..config import MergeConfig, evaluate_setting
+from ..sparse import key_seed
+from .atomic import atomic_output, fsync_dir
+from .dist import Dist, split_work
+from .format import FLOATS, CheckpointError
+from .plan import MergePlan, WorkItem, plan_merge
+from .writer import ShardedWriter, copy_side_files
+
+def _merge_api():
+    from .. import merge as _m  # resolved at call time: tests patch wweight.merge.merge_tensors
+
+    return _m
+
+
+def _merge_one(plan: MergePlan, key: str, tensors: List[torch.Tensor], backend) -> torch.Tensor:
+    """One key of a per-tensor method: every parameter of the method resolved for this tensor name
+    (a model's own parameters, then the top-level ones, then the registry default)."""
+    cfg = plan.config
+    spec = M.get(cfg.method)
+    # linear: the base (when given) is one of the merged inputs, not a base
+    base, fts = (tensors[0], tensors[1:]) if plan.base is not None else (None, tensors)
+    kw: Dict[str, Any] = {}
+    for p in spec.params:
+        if p.inert:
+            continue
+        if p.scope == M.PER_MODEL:
+            kw[p.api_name] = [float(cfg.resolve(p.name, key, e, p.default)) for e in cfg.models]
+        elif p.kind is bool:
+            kw[p.api_name] = cfg.resolve(p.name, key)  # None: the method's default
+        else:
+            kw[p.api_name] = float(cfg.resolve(p.name, key, None, p.default))
+    return _merge_api().merge_tensors(cfg.method, base, fts, seed=key_seed(plan.seed, key), backend=backend, **kw)
+
+
+def _merge_group(plan: MergePlan, keys: List[str], loaded: List[Dict[str, torch.Tensor]], backend) -> Dict[str, torch.Tensor]:
+    """A group of keys of an iso method: one batched merge_state_dicts call."""
+    cfg = plan.config
+    kw = {k: evaluate_setting(v, keys[0]) for k, v in cfg.parameters.items() if k != "alpha"}
+    alpha = float(evaluate_setting(cfg.parameters.get("alpha", M.ALPHA.default), keys[0]))
+    if backend is not None:
+        kw["backend"] = backend
+    return _merge_api().merge_state_dicts(cfg.method, loaded[0], loaded[1:], alpha=alpha, **kw)
+
+
+def run_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget="4GB",
+              max_shard_size="5GB", overwrite: bool = False, seed: int = 0, backend: Optional[str] = None,
+              dry_run: bool = False, progress: bool = True, allow_symlinks: bool = False,
+              fsync: bool = True) -> Dict[str, Any]:
+    """Validate, plan and run a merge into ``out_dir``; returns a summary dict (or the plan's).
+
+    ``device``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (under torchrun ``"cuda"`` means this rank's
+    ``cuda:LOCAL_RANK``). ``memory_budget``: host bytes of tensors in flight (see the module doc).
+    """
+    dist = Dist()
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {device!r} requested but CUDA is not available")
+            if dist.active and dev.index is None:
+                dev = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(dev)
+        elif dev.type != "cpu":
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+        plan = plan_merge(config, out_dir, device=dev, memory_budget=memory_budget,
+                          max_shard_size=max_shard_size, overwrite=overwrite, seed=seed,
+                          allow_symlinks=allow_symlinks)
+        if dry_run:
+            return {"plan": plan, "dry_run": True}
+        return _execute(plan, dist, backend=backend, progress=progress, fsync=fsync)
+    finally:
+        dist.close()
+
+
+def _execute(plan: MergePlan, dist: Dist, *, backend, progress, fsync) -> Dict[str, Any]:
+    out = plan.output
+    t0 = time.perf_counter()
+    mine = split_work([it.in_bytes + it.out_bytes for it in plan.items], dist.world)[dist.rank]
+    items = [plan.items[i] for i in mine]
+    stats = {"read": 0, "written": 0, "tensors": 0}
+    error: Optional[BaseException] = None
+
+    token = dist.broadcast(uuid.uuid4().hex[:12] if dist.rank == 0 else None)
+    try:
+        with atomic_output(out, token, owner=dist.rank == 0) as tmp:
+            if dist.rank == 0:
+                failed = False
+                try:
+                    writer = ShardedWriter(tmp, plan.shards, create=True)
+                except BaseException as e:
+                    failed, error = True, e
+                if dist.any_failed(failed):
+                    raise error or CheckpointError("another rank failed")
+            else:
+                if dist.any_failed(False):
+                    raise CheckpointError("rank 0 failed to create the output")
+                writer = ShardedWriter(tmp, plan.shards, create=False)
+            try:
+                _pipeline(plan, items, writer, stats, backend=backend, progress=progress and dist.rank == 0)
+                writer.close(fsync=fsync)
+            except BaseException as e:  # noqa: BLE001 - reported below, after the other ranks agree
+                error = e
+                with contextlib.suppress(Exception):
+                    writer.close(fsync=False)
+            if dist.any_failed(error is not None):
+                raise error or CheckpointError("another rank failed; nothing was written")
+            commit_error: Optional[BaseException] = None
+            if dist.rank == 0:
+                try:
+                    missing = [k for it in items for k in it.keys if k not in writer.written]
+                    if missing and not dist.active:
+                        raise CheckpointError(f"internal: tensor {missing[0]!r} was not written")
+                    writer.write_index()
+                    ref = plan.base or plan.models[0]
+                    copy_side_files(plan.config.tokenizer_source, tmp, config_src=ref.path,
+                                    torch_dtype=_common(plan.out_dtype.values()), allow_symlinks=ref.allow_symlinks)
+                    if fsync:
+                        fsync_dir(tmp)
+                    out.commit()
+                except BaseException as e:  # noqa: BLE001 - let the other ranks leave the barrier first
+                    commit_error = e
+            if dist.any_failed(commit_error is not None):
+                raise commit_error or CheckpointError("rank 0 failed to commit the output")
+    finally:
+        for ck in plan.inputs:
+            ck.close()
+    secs = time.perf_counter() - t0
+    summary = {"out_dir": plan.out_dir, "tensors": len(plan.keys), "tensors_this_rank": stats["tensors"],
+               "shards": len(plan.shards), "bytes_read": plan.bytes_in, "bytes_written": plan.bytes_out,
+               "seconds": secs, "rank": dist.rank, "world_size": dist.world}
+    return summary
+
+
+def _common(dts: Iterable[torch.dtype]) -> Optional[torch.dtype]:
+    """The output dtype recorded in config.json: the most common floating dtype."""
+    floats = [d for d in dts if d in FLOATS]
+    return Counter(floats).most_common(1)[0][0] if floats else None
+
+
+def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, stats, *, backend, progress) -> None:
+    """Reader thread -> compute (this thread) -> writer thread, ``plan.depth`` items ahead / behind."""
+    dev = plan.device
+    cuda = dev.type == "cuda"
+    inputs = plan.inputs
+
+    # The models' tensors of one item are read concurrently (pread releases the GIL): one thread
+    # per input model, at most 4 - NVMe drives need several requests in flight to reach full speed.
+    io_pool = ThreadPoolExecutor(max(1, min(4, len(inputs))), thread_name_prefix="wweight-io")
+
+    def load(it: WorkItem):
+        futs = [[io_pool.submit(ck.read, k, pin=cuda) for ck in inputs] for k in it.keys]
+        return [[f.result() for f in row] for row in futs]
+
+    def compute(it: WorkItem, data):
+        outs: Dict[str, torch.Tensor] = {}
+        if it.kind == "copy":
+            k = it.keys[0]
+            ts = data[0]
+            for i, t in enumerate(ts[1:], 1):
+                if not torch.equal(t, ts[0]):
+                    raise CheckpointError(f"tensor {k!r} is not floating point ({ts[0].dtype}) and differs "
+                                          f"between {inputs[0].what} and {inputs[i].what}; cannot merge it")
+            outs[k] = ts[0]
+            return outs
+        cd = plan.compute_dtype
+        moved = [[t.to(dev, non_blocking=True).to(cd[k]) for t in ts] for k, ts in zip(it.keys, data)]
+        if it.kind == "merge":
+            k = it.keys[0]
+            outs[k] = _merge_one(plan, k, moved[0], backend)
+        else:
+            n = len(inputs)
+            sds = [{k: moved[j][i] for j, k in enumerate(it.keys)} for i in range(n)]
+            res = _merge_group(plan, it.keys, sds, backend)
+            for k in it.keys:
+                if k not in res:
+                    raise CheckpointError(f"merge_state_dicts returned no tensor {k!r}")
+                outs[k] = res[k]
+        for k in list(outs):
+            o = outs[k]
+            o = o.to(plan.out_dtype[k])
+            if cuda:
+                host = torch.empty(o.shape, dtype=o.dtype, pin_memory=True)
+                host.copy_(o, non_blocking=True)
+                o = host
+            outs[k] = o
+        if cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+            return outs, ev
+        return outs, None
+
+    def write(it: WorkItem, result):
+        outs, ev = result if isinstance(result, tuple) else (result, None)
+        if ev is not None:
+            ev.synchronize()
+        n = 0
+        for k in it.keys:
+            n += writer.write(k, outs[k])
+        return n
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(i.in_bytes + i.out_bytes for i in items), unit="B", unit_scale=True,
+                   desc=f"wweight {plan.config.method}", file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.5, leave=False, disable=None)  # disable=None: no bar off a TTY
+    t0 = time.perf_counter()
+    loads: deque = deque()
+    writes: deque = deque()
+    it_iter = iter(items)
+    done_tensors = 0
+
+    def fill(pool):
+        while len(loads) < plan.depth:
+            try:
+                nxt = next(it_iter)
+            except StopIteration:
+                return
+            loads.append((nxt, pool.submit(load, nxt)))
+
+    def retire(block_to: int):
+        nonlocal done_tensors
+        while writes and (len(writes) > block_to or writes[0][1].done()):
+            it, fut = writes.popleft()
+            fut.result()
+            stats["written"] += it.out_bytes
+            done_tensors += len(it.keys)
+            if bar is not None:
+                bar.update(it.in_bytes + it.out_bytes)
+                el = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{done_tensors / el:.1f} tensors/s", refresh=False)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="wweight-read") as rd, \
+            ThreadPoolExecutor(1, thread_name_prefix="wweight-write") as wr:
+        try:
+            fill(rd)
+            while loads:
+                it, fut = loads.popleft()
+                data = fut.result()
+                fill(rd)
+                stats["read"] += it.in_bytes
+                with torch.no_grad():
+                    result = compute(it, data)
+                del data
+                writes.append((it, wr.submit(write, it, result)))
+                del result
+                stats["tensors"] += len(it.keys)
+                retire(plan.depth)
+            retire(0)
+        except BaseException:
+            for _, f in list(loads) + list(writes):
+                f.cancel()
+            raise
+        finally:
+            io_pool.shutdown(wait=True, cancel_futures=True)
+            if bar is not None:
+                bar.close()

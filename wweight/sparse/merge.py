@@ -1,0 +1,173 @@
+"""Task-arithmetic merges of one tensor and of whole models: the sparse family's merge op.
+
+``linear``, ``task_arithmetic``, ``ties``, ``dare_*``, ``breadcrumbs*``, ``della*``: mergekit 0.1.5's
+``linear_merge`` and ``GeneralizedTaskArithmeticMerge`` (the method table is
+:mod:`wweight.methods`). The public entry points are :func:`wweight.merge_tensors` /
+:func:`wweight.merge_state_dicts` (``wweight/merge.py`` routes here); this module validates,
+registers the ``torch.library`` op and runs :mod:`wweight.sparse.fused` on the resolved backend:
+deltas, masks (thresholds found beforehand by radix select), rescale, weights, TIES sign election,
+normalisation and lambda per element in one pass that writes only the output, never K full-size
+delta temporaries (mergekit stacks them). DELLA ranks rows with a sort, as mergekit: it runs the
+reference.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .. import _dispatch, _validate
+from .. import methods as M
+from ..reference import sparse as ref
+from . import fused
+from .ops import check_finite, check_sparsify_args, key_seed, primitives, resolve_backend, resolve_seed
+
+Num = Union[float, Sequence[float]]
+
+
+def per_model(name: str, v, K: int, default=None) -> List[float]:
+    """A scalar or one value per model -> K validated floats."""
+    if v is None:
+        v = default
+    if isinstance(v, torch.Tensor):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)):
+        if len(v) != K:
+            raise ValueError(f"{name} has {len(v)} entries, expected one per model ({K})")
+        return [_validate.number(f"{name}[{i}]", x) for i, x in enumerate(v)]
+    return [_validate.number(name, v)] * K
+
+
+def _check_inputs(base, tensors, need_base: bool):
+    if isinstance(tensors, torch.Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError("tensors must be a list of tensors (one per fine-tuned model)")
+    if len(tensors) == 0:
+        raise ValueError("tensors is empty: give at least one model's tensor")
+    if need_base:
+        if base is None:
+            raise ValueError("base is required for this method (task vectors are tensors[i] - base)")
+        _validate.tensor("base", base)
+        ref_t, ref_name = base, "base"
+    else:
+        ref_t, ref_name = tensors[0], "tensors[0]"
+    for i, t in enumerate(tensors):
+        _validate.tensor(f"tensors[{i}]", t)
+        _validate.same_as(f"tensors[{i}]", t, ref_name, ref_t)
+    if need_base is False and base is not None:
+        _validate.tensor("base", base)
+
+
+def _merge_impl(method: str, base: Optional[torch.Tensor], tensors: List[torch.Tensor], weights: List[float],
+                density: List[float], gamma: List[float], epsilon: List[float], lambda_: float, normalize: bool,
+                rescale: bool, seed: int, name: str) -> torch.Tensor:
+    m = M.get(method)
+    K = len(tensors)
+    if method == "linear":
+        if name in ("reference", "torch"):
+            out = ref.linear_ref(tensors, weights, normalize)
+            if not all(bool(torch.isfinite(t).all()) for t in tensors if t.numel()):
+                raise ValueError("tensors contain NaN or Inf; wweight refuses non-finite weights")
+            return out
+        return fused.linear(primitives(name), tensors, weights, normalize)
+    if name == "reference" or m.sparsification == "della_magprune":
+        check_finite([*tensors, base], fused.input_names(K))
+        return ref.task_arithmetic_family_ref(method, base, tensors, weights, density, gamma, epsilon, lambda_,
+                                              normalize, rescale, seed)
+    return fused.task_arithmetic(primitives(name), m.consensus, m.sparsification, base, tensors, weights, density,
+                                 gamma, lambda_, normalize, rescale, seed)
+
+
+@torch.library.custom_op("wweight::merge_tensors", mutates_args=())
+def _merge_op(method: str, base: Optional[torch.Tensor], tensors: List[torch.Tensor], weights: List[float],
+              density: List[float], gamma: List[float], epsilon: List[float], lambda_: float, normalize: bool,
+              rescale: bool, seed: int, backend: str) -> torch.Tensor:
+    first = base if base is not None else tensors[0]
+    name = resolve_backend(first.device, backend, first.dtype, "merge_tensors")
+    return _merge_impl(method, base, list(tensors), list(weights), list(density), list(gamma), list(epsilon),
+                       lambda_, normalize, rescale, seed, name)
+
+
+@_merge_op.register_fake
+def _(method, base, tensors, weights, density, gamma, epsilon, lambda_, normalize, rescale, seed, backend):
+    return torch.empty_like(base if base is not None else tensors[0])
+
+
+def merge_tensors(method: M.MergeMethod, base: Optional[torch.Tensor], tensors: Sequence[torch.Tensor],
+                  weights: Optional[Num], density: Num, gamma: Num, epsilon: Num, lambda_: float,
+                  normalize: Optional[bool], rescale: Optional[bool], seed: Optional[int],
+                  backend: Optional[str]) -> torch.Tensor:
+    """One tensor; the contract is :func:`wweight.merge_tensors`'s."""
+    _check_inputs(base, tensors, need_base=method.needs_base)
+    K = len(tensors)
+    weights = per_model("weights", weights, K, method.default("weight"))
+    lambda_ = _validate.number("lambda_", lambda_)
+    normalize = method.normalize if normalize is None else bool(normalize)
+    if method.name == "linear":
+        if normalize and abs(sum(weights)) < 1e-12:
+            raise ValueError("weights sum to 0: a normalized linear merge would divide by zero")
+        dens = gam = eps = [1.0] * K
+        rescale = False
+    else:
+        rescale = method.rescale if rescale is None else bool(rescale)
+        dens = per_model("density", density, K)
+        gam = per_model("gamma", gamma, K)
+        eps = per_model("epsilon", epsilon, K)
+        for i in range(K):
+            if method.sparsification:
+                check_sparsify_args(dens[i], method.sparsification, gam[i], eps[i], None, argprefix="")
+            else:
+                _validate.number(f"density[{i}]", dens[i], lo=M.DENSITY.range.lo, hi=M.DENSITY.range.hi)
+    seed = resolve_seed(seed)
+    ts = [t.contiguous() for t in tensors]
+    b = base.contiguous() if base is not None else None
+    return _merge_op(method.name, b, ts, weights, dens, gam, eps, lambda_, normalize, rescale, seed,
+                     _dispatch.requested(backend))
+
+
+#: keyword arguments of merge_state_dicts forwarded to every key's merge_tensors
+_KEY_KWARGS = ("density", "gamma", "epsilon", "lambda_", "normalize", "rescale")
+
+
+def merge_state_dicts(method: M.MergeMethod, base: Optional[Dict[str, torch.Tensor]],
+                      finetuned: Sequence[Dict[str, torch.Tensor]], weights: Optional[Num], alpha: float,
+                      backend: Optional[str], progress: bool, **kwargs) -> Dict[str, torch.Tensor]:
+    """Whole models, key by key; the contract is :func:`wweight.merge_state_dicts`'s."""
+    ref_sd = base if base is not None else finetuned[0]
+    if method.needs_base and base is None:
+        raise ValueError(f"base is required for method {method.name!r}")
+    keys = list(ref_sd.keys())
+    for i, sd in enumerate(finetuned):
+        missing = [k for k in keys if k not in sd]
+        extra = [k for k in sd if k not in ref_sd]
+        if missing or extra:
+            raise ValueError(f"finetuned[{i}] keys differ from the base: missing {missing[:3]}, extra {extra[:3]}")
+    seed = resolve_seed(kwargs.pop("seed", None))
+    alpha = _validate.number("alpha", alpha)
+    unknown = sorted(set(kwargs) - set(_KEY_KWARGS))
+    kw = {"density": M.DENSITY.default, "gamma": M.GAMMA.default, "epsilon": M.EPSILON.default,
+          "lambda_": M.LAMBDA.default, "normalize": None, "rescale": None}
+    if method.name != "linear":  # alpha is mergekit's lambda
+        if "lambda_" in kwargs:
+            unknown = ["lambda_ (give alpha)"]
+        kw["lambda_"] = alpha
+    kw.update({k: v for k, v in kwargs.items() if k in _KEY_KWARGS})
+    it = keys
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(keys, desc=f"merge {method.name}")
+    out = {}
+    for k in it:
+        b = base[k] if base is not None else None
+        if not ref_sd[k].is_floating_point():
+            out[k] = ref_sd[k].clone()
+            continue
+        try:
+            if unknown:
+                raise TypeError(f"unexpected keyword arguments for method {method.name!r}: {unknown}")
+            out[k] = merge_tensors(method, b, [sd[k] for sd in finetuned], weights, kw["density"], kw["gamma"],
+                                   kw["epsilon"], kw["lambda_"], kw["normalize"], kw["rescale"],
+                                   key_seed(seed, k), backend)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"key {k!r}: {e}") from None
+    return out
