@@ -17,6 +17,7 @@ import torch
 
 import wweight
 from wweight import _ext
+from wweight import methods as M
 
 from .common import bench, copy_bandwidth, device_name, write_results
 
@@ -32,8 +33,6 @@ def mergekit_merge_fn(method, base, tensors, density):
     m = mk_get(method)
     group = TensorGroup.from_tensors([base, *tensors], base_index=0)
     ids = [e.id for e in group.entries if not e.is_base]
-    from wweight import methods as M
-
     spec = M.get(method)  # the same defaults for both tools: the registry's (= mergekit's)
     params = {"int8_mask": False, "normalize": spec.normalize, "rescale": spec.rescale, "lambda": M.LAMBDA.default,
               "weight": {i: 1.0 for i in ids}, "density": {i: density for i in ids},
@@ -66,6 +65,9 @@ def main(argv=None):
     if args.dtypes:
         dtypes = args.dtypes.split(",")
     methods = args.methods.split(",")
+    for m in methods:  # a name the registry does not know is a usage error, not a crash mid-run
+        if m not in M.registered("sparse") or not M.get(m).needs_base:
+            ap.error(f"--methods: {m!r} is not a task-arithmetic method (one of {', '.join(M.TA_METHODS)})")
     backends = ["cuda", "triton", "torch"] if dev.type == "cuda" else (["cpu", "torch"] if _ext.cpu_extension() else ["torch"])
     if dev.type == "cuda" and _ext.cuda_extension() is None:
         backends.remove("cuda")

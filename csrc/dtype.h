@@ -1,6 +1,6 @@
 // The dtype codes of every kernel call in both extensions (wweight._cuda, wweight._cpu): the one
 // table. Python's copy is wweight/_ext.py DTYPE_CODES; both modules export this enum as
-// DTYPE_CODES and tests/test_build.py checks that the two agree.
+// DTYPE_CODES and tests/test_layout.py checks that the two agree.
 #pragma once
 
 namespace wweight {

@@ -28,7 +28,7 @@ using ::wweight::F16;
 using ::wweight::F32;
 
 // == wweight/sparse/plan.py MODE_* and BLOCK (tie offsets are counted per block of kBlock elements);
-// both extensions export kBlock as SPARSE_BLOCK and tests/test_build.py checks it
+// both extensions export them (SPARSE_MODES, SPARSE_BLOCK: csrc/constants.h), tests/test_layout.py checks them
 enum Mode : int { MODE_NONE = 0, MODE_WINDOW = 1, MODE_RANDOM = 2 };
 constexpr int64_t kBlock = 1024;
 

@@ -6,9 +6,8 @@ TRITON_INTERPRET must be set before any ``@triton.jit`` function is created, i.e
 import os
 import sys
 
-# Test the *installed* package (with its compiled extensions and ``wweight.kernels``, which is
-# mapped from the top-level ``kernels/`` folder at install time). ``python -m pytest`` from a
-# checkout would otherwise import the bare source tree first. Editable installs still resolve
+# Test the *installed* package (with its compiled extensions, which a bare checkout does not
+# have). ``python -m pytest`` from a checkout would otherwise import the source tree first. Editable installs still resolve
 # to the checkout through their import hook.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _ROOT]

@@ -225,3 +225,20 @@ def test_torch_distributed_two_ranks_byte_identical(tmp_path):
     assert len(os.listdir(tmp_path / "single")) > 3  # several shards + index + config
     assert files_bytes(tmp_path / "single") == files_bytes(tmp_path / "multi")
     assert not leftovers(tmp_path, "multi")
+
+
+def test_required_weight_missing_for_a_tensor_is_refused_before_compute(tmp_path):
+    # a {filter, value} weight that matches only some tensors: mergekit refuses the others (weight has
+    # no default); wweight says which tensor at plan time, before reading any tensor data
+    from wweight.checkpoint import plan_merge
+    from wweight.examples.zoo import make_llama_zoo
+
+    z = make_llama_zoo(str(tmp_path / "zoo"), "tiny", n_models=2, dtype=torch.float32)
+    params = [{"weight": [{"filter": "mlp", "value": 0.5}], "density": 0.5}] * 2
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", "ties", z["base"], z["models"], params))
+    with pytest.raises(CheckpointError, match=r"parameters.weight gives no value for tensor 'model.embed_tokens"):
+        plan_merge(cfg, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
+    params = [{"weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}], "density": 0.5}] * 2
+    cfg = load_config(write_yaml(tmp_path / "d.yaml", "ties", z["base"], z["models"], params))
+    assert plan_merge(cfg, str(tmp_path / "out")).items

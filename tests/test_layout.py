@@ -45,7 +45,14 @@ def _imports(name, path, modules):
             targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
         else:
             continue
-        out.update(t for t in targets if t in modules and t != name)
+        for t in targets:
+            # importing a.b.c also runs the __init__ of every package above it that the importer is
+            # not already inside (the parent-package import Python does implicitly)
+            parts = t.split(".")
+            for i in range(1, len(parts) + 1):
+                mod = ".".join(parts[:i])
+                if mod in modules and mod != name and not name.startswith(mod + "."):
+                    out.add(mod)
     return out
 
 
@@ -108,6 +115,8 @@ def test_compiled_constants_match_python():
             continue
         assert dict(ext.DTYPE_CODES) == want
         assert ext.SPARSE_BLOCK == plan.BLOCK
+        assert dict(ext.SPARSE_MODES) == {"MODE_NONE": plan.MODE_NONE, "MODE_WINDOW": plan.MODE_WINDOW,
+                                          "MODE_RANDOM": plan.MODE_RANDOM}
 
 
 def _cpu_backends(family):
@@ -130,7 +139,10 @@ def test_cuda_selftests_pass_on_the_cpu_backends(family):
     # a wrong self-test would disable good CUDA kernels on the first GPU run: run each one on the
     # backends CI has (same contract), where it must pass
     selftests = _dispatch.backend_module(family, "cuda").SELFTESTS
-    for name in _cpu_backends(family):
+    names = _cpu_backends(family)
+    if not names:
+        pytest.skip(f"no CPU backend of the {family} family runs its primitives here (no C++ build, no triton)")
+    for name in names:
         prims = _dispatch.backend_module(family, name)
         for op, fn in selftests.items():
             assert fn(torch.device("cpu"), prims=prims), (family, op, name)

@@ -7,7 +7,7 @@
   torch's current stream (:func:`stream`), so the extensions build without torch's C++ headers.
 
 :data:`DTYPE_CODES` is the one Python copy of ``enum wweight::DType`` in ``csrc/dtype.h``; both
-extensions export that enum as ``DTYPE_CODES`` and ``tests/test_build.py`` checks they agree.
+extensions export that enum as ``DTYPE_CODES`` and ``tests/test_layout.py`` checks they agree.
 """
 from __future__ import annotations
 

@@ -4,8 +4,10 @@ Data flows one way: public op (``wweight/<family>/``) -> ``wweight._dispatch.res
 backend name -> :func:`wweight._dispatch.backend_module` imports the glue here -> the glue runs
 the kernel (``wweight/kernels/<family>.py`` for Triton, ``csrc/<family>.cu`` through ``wweight._cuda``
 for CUDA, ``csrc/cpu/<family>_cpu.cpp`` through ``wweight._cpu`` for the C++ CPU build) or is the
-vectorised-torch implementation itself. Glue never imports the public op layer; the shared
-algorithm of a family (``wweight/<family>/plan.py``, ``fused.py``, ``scales.py``, ...) may be used.
+vectorised-torch implementation itself. Glue calls no public op: it uses only the family's shared
+algorithm (``wweight/sparse/plan.py`` and ``fused.py``, ``wweight/quant/scales.py`` and ``outliers.py``,
+...). Importing those runs the family package's ``__init__`` (which registers the ops) but makes no
+import cycle: the op layer reaches the glue only through :func:`wweight._dispatch.backend_module`.
 
 Every module of a family has the same functions (the family's backend contract):
 
@@ -22,8 +24,9 @@ Every module of a family has the same functions (the family's backend contract):
 
 ``quant`` (torch, cuda, triton):
 
-* ``quantize(x, mask, thr, bits, bs, symmetric, clip, scale_dtype)`` -> (codes, scale, zero or
-  None, sorted outlier flat indices int64) of the flat contiguous ``x``;
+* ``quantize(x, mask, thr, bits, bs, symmetric, clip, scale_dtype, one_pass=None)`` -> (codes, scale,
+  zero or None, sorted outlier flat indices int64) of the flat contiguous ``x`` (``one_pass=False``
+  forces the statistics + pack kernels where a one-pass kernel exists; the self-test runs both);
 * ``dequantize(codes, scale, zero, n, dtype, bits, bs)`` -> flat tensor (outliers restored above);
 * triton only: ``dequant_matmul(x, codes, scale, zero, N, K, bits, bs)`` -> float32 ``x @ W_hat^T``.
 

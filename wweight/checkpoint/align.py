@@ -13,7 +13,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..permute import apply_permutation, gpt2_spec, llama_spec, mlp_spec, weight_matching
+from .. import permute as P  # looked up at call time (as wweight.merge is by the pipeline)
 from .atomic import AtomicOutputDir
 from .format import CheckpointError, human
 from .reader import Checkpoint, check_compatible
@@ -47,14 +47,14 @@ def build_spec(name: str, ck: "Checkpoint"):
         layers = [k[: -len(".weight")] for k in ck.keys if k.endswith(".weight") and len(shapes[k]) == 2]
         if not layers:
             raise CheckpointError(f"{ck.path}: no 2-D '*.weight' tensors for an MLP spec")
-        return mlp_spec(layers, bias=all(f"{l}.bias" in shapes for l in layers))
+        return P.mlp_spec(layers, bias=all(f"{l}.bias" in shapes for l in layers))
     if low == "gpt2" or arch in _GPT2_ARCHS:
         try:
             n_layer, n_head, d = int(cfg["n_layer"]), int(cfg["n_head"]), int(cfg["n_embd"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{ck.path}: config.json lacks n_layer / n_head / n_embd for a GPT-2 spec") from None
         prefix = "transformer." if any(k.startswith("transformer.") for k in shapes) else ""
-        return gpt2_spec(n_layer, n_head, d // n_head, prefix=prefix,
+        return P.gpt2_spec(n_layer, n_head, d // n_head, prefix=prefix,
                            lm_head="lm_head.weight" if "lm_head.weight" in shapes else None)
     if low in ("llama", "mistral", "qwen2") or arch in _LLAMA_ARCHS:
         try:
@@ -64,7 +64,7 @@ def build_spec(name: str, ck: "Checkpoint"):
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{ck.path}: config.json lacks num_hidden_layers / num_attention_heads / "
                                   "hidden_size for a Llama spec") from None
-        return llama_spec(n_layer, n_head, n_kv, hd,
+        return P.llama_spec(n_layer, n_head, n_kv, hd,
                             lm_head="lm_head.weight" if "lm_head.weight" in shapes else None,
                             attention_bias="model.layers.0.self_attn.q_proj.bias" in shapes,
                             mlp_bias="model.layers.0.mlp.gate_proj.bias" in shapes)
@@ -99,8 +99,8 @@ def run_align(spec: str, model_a: str, model_b: str, out_dir: str, *, max_iter: 
     t0 = time.perf_counter()
     pa = {k: a.read(k).to(dev) for k in a.keys}
     pb = {k: b.read(k).to(dev) for k in b.keys}
-    perms = weight_matching(sp, pa, pb, max_iter=max_iter, seed=seed)
-    pb2 = apply_permutation(sp, perms, pb)
+    perms = P.weight_matching(sp, pa, pb, max_iter=max_iter, seed=seed)
+    pb2 = P.apply_permutation(sp, perms, pb)
     del pa
     sd = {k: pb2[k] for k in b.keys}
     save_checkpoint(out_dir, sd, side_files_from=b.path, max_shard_size=max_shard_size, overwrite=overwrite,

@@ -34,7 +34,7 @@ from ..sparse import key_seed
 from .atomic import atomic_output, fsync_dir
 from .dist import Dist, split_work
 from .format import FLOATS, CheckpointError
-from .plan import MergePlan, WorkItem, plan_merge
+from .plan import MergePlan, WorkItem, per_model_value, plan_merge
 from .writer import ShardedWriter, copy_side_files
 
 def _merge_api():
@@ -55,7 +55,7 @@ def _merge_one(plan: MergePlan, key: str, tensors: List[torch.Tensor], backend) 
         if p.inert:
             continue
         if p.scope == M.PER_MODEL:
-            kw[p.api_name] = [float(cfg.resolve(p.name, key, e, p.default)) for e in cfg.models]
+            kw[p.api_name] = [float(per_model_value(cfg, p, key, e)) for e in cfg.models]
         elif p.kind is bool:
             kw[p.api_name] = cfg.resolve(p.name, key)  # None: the method's default
         else:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
+from .. import methods as M
 from ..config import MergeConfig
 from .atomic import AtomicOutputDir
-from .format import FLOATS, human, itemsize, parse_size
+from .format import FLOATS, CheckpointError, human, itemsize, parse_size
 from .reader import Checkpoint, check_compatible
 from .writer import Shard, plan_shards
 
@@ -90,7 +91,7 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     # linear: the base (when given) is one of config.models, an ordinary input
     base = (Checkpoint(config.base_model.path, what="base_model", allow_symlinks=allow_symlinks)
-            if config.base_model and config.method != "linear" else None)
+            if config.base_model and M.get(config.method).needs_base else None)
     models = [Checkpoint(m.path, what=f"models[{i}] ({m.name})", allow_symlinks=allow_symlinks)
               for i, m in enumerate(config.models)]
     ref = base or models[0]
@@ -100,6 +101,7 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
     out = AtomicOutputDir(out_dir, overwrite=overwrite, inputs=[ck.path for ck in ck_all])
 
     keys = list(ref.keys)
+    required = [p for p in M.get(config.method).params if p.required and p.scope == M.PER_MODEL]
     compute: Dict[str, torch.dtype] = {}
     outdt: Dict[str, torch.dtype] = {}
     items: List[WorkItem] = []
@@ -118,6 +120,9 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
         if config.is_iso:
             iso_keys.append(k)
         else:
+            for p in required:  # before any compute: every tensor gets its required parameters
+                for e in config.models:
+                    per_model_value(config, p, k, e)
             items.append(WorkItem([k], "merge", info.nbytes * n_in, ob))
     if iso_keys:
         # Groups of keys for one merge_state_dicts call (batched SVDs), bounded by the budget:
@@ -152,6 +157,16 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
                      keys=keys, compute_dtype=compute, out_dtype=outdt, shards=shards, items=items,
                      memory_budget=budget, depth=depth, seed=seed,
                      bytes_in=sum(ck.nbytes for ck in ck_all), bytes_out=bytes_out, output=out, notes=notes)
+
+
+def per_model_value(cfg: MergeConfig, p: M.Param, key: str, model) -> Any:
+    """Parameter ``p`` of ``model`` for tensor ``key``; a required one (mergekit's ``weight``) has no
+    default: a ``{filter, value}`` list that gives no value for this tensor is an error, as in mergekit."""
+    v = cfg.resolve(p.name, key, model, None if p.required else p.default)
+    if v is None:
+        raise CheckpointError(f"{cfg.source}: {model.name}: parameters.{p.name} gives no value for tensor {key!r} "
+                              f"(no filter matches it; merge_method {cfg.method!r} has no default {p.name})")
+    return v
 
 
 def _group_item(keys, ref, n_in, outdt) -> WorkItem:

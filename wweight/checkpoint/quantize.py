@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..config import parse_dtype
-from ..quant import dequantize_state_dict, load_quantized, quantize_state_dict, save_quantized
+from .. import quant as Q  # looked up at call time
 from ..quant.format import NAME_DTYPES
 from .atomic import AtomicOutputDir, atomic_output
 from .format import FLOATS, CheckpointError, human, inside, parse_size, read_header, write_json
@@ -77,8 +77,8 @@ def run_quantize(model_dir: str, out_dir: str, *, bits: int = 4, block_size: int
             for i, g in enumerate(groups):
                 fn = "quantized.safetensors" if n == 1 else f"quantized-{i + 1:05d}-of-{n:05d}.safetensors"
                 sd = {k: src.read(k).to(dev) for k in g.keys}
-                qsd = quantize_state_dict(sd, bits, block_size, outliers=out_spec, skip=list(skip or []))
-                save_quantized(os.path.join(tmp, fn), qsd)
+                qsd = Q.quantize_state_dict(sd, bits, block_size, outliers=out_spec, skip=list(skip or []))
+                Q.save_quantized(os.path.join(tmp, fn), qsd)
                 q_bytes += os.path.getsize(os.path.join(tmp, fn))
                 weight_map.update({k: fn for k in g.keys})
                 del sd, qsd
@@ -142,7 +142,7 @@ def run_dequantize(model_dir: str, out_dir: str, *, dtype=None, overwrite: bool 
     with atomic_output(out) as tmp:
         w = ShardedWriter(tmp, shards)
         for fn in files:
-            sd = dequantize_state_dict(load_quantized(os.path.join(src, fn)))
+            sd = Q.dequantize_state_dict(Q.load_quantized(os.path.join(src, fn)))
             for k, v in sd.items():
                 w.write(k, v.to(want[k]))
             del sd

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -202,20 +203,16 @@ def make_llama_zoo(root: str, size: str = "tiny", n_models: int = 3, *, dtype: t
     """A random Llama-shaped base and ``n_models`` fine-tunes (base + small noise) under ``root``.
 
     Tensors are generated and written one at a time (bounded memory for 7B-sized checkpoints)."""
-    from ..checkpoint import AtomicOutputDir, ShardedWriter, parse_size, plan_shards
+    from ..checkpoint import AtomicOutputDir, ShardedWriter, atomic_output, parse_size, plan_shards
 
     cfg = llama_config(size, dtype)
     shapes = llama_shapes(cfg)
     shards = plan_shards([(k, dtype, s) for k, s in shapes], parse_size(max_shard_size))
     names = ["base"] + [f"ft{i}" for i in range(n_models)]
     paths = [os.path.join(root, n) for n in names]
-    outs, writers = [], []
-    for p in paths:
-        o = AtomicOutputDir(p, overwrite=True)
-        o.create()
-        outs.append(o)
-        writers.append(ShardedWriter(o.tmp, shards))
-    try:
+    with contextlib.ExitStack() as stack:  # all models are written together: one pass of random draws
+        outs = [AtomicOutputDir(p, overwrite=True) for p in paths]
+        writers = [ShardedWriter(stack.enter_context(atomic_output(o)), shards) for o in outs]
         g = torch.Generator().manual_seed(seed)
         for k, shape in shapes:
             if k.endswith("norm.weight"):
@@ -232,7 +229,4 @@ def make_llama_zoo(root: str, size: str = "tiny", n_models: int = 3, *, dtype: t
             with open(os.path.join(o.tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(cfg, f, indent=2)
             o.commit()
-    finally:
-        for o in outs:
-            o.abort()
     return {"base": paths[0], "models": paths[1:], "config": cfg, "shapes": shapes}

@@ -103,6 +103,21 @@ def _stats_kernel(x_ptr, m_ptr, pmin_ptr, pmax_ptr, n, bs, nb, nchunks, thr,
 
 
 @triton.jit
+def _block_of(g, offs, bs, G: tl.constexpr, ALIGNED: tl.constexpr):
+    """Block index of every element of a [G, 8] tile of groups of 8 codes (``offs``: their offsets)."""
+    if ALIGNED:  # block_size % 8 == 0: one (64-bit, slow on GPUs) division per group, not per element
+        return ((g * 8) // bs)[:, None] + tl.zeros([G, 8], dtype=tl.int64)
+    else:
+        return offs // bs
+
+
+@triton.jit
+def _byte_shifts(jb, BITS: tl.constexpr):
+    """Shift of byte ``jb`` of a group's big-endian 8-code word (BITS bytes; the rest unused)."""
+    return tl.where(jb < BITS, 8 * (BITS - 1 - jb), 0)
+
+
+@triton.jit
 def _pack_kernel(x_ptr, s_ptr, z_ptr, out_ptr, n, bs, ngroups,
                  BITS: tl.constexpr, SYM: tl.constexpr, G: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -111,10 +126,7 @@ def _pack_kernel(x_ptr, s_ptr, z_ptr, out_ptr, n, bs, ngroups,
     offs = g[:, None] * 8 + j[None, :]
     valid = offs < n
     v = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    if ALIGNED:  # block_size % 8 == 0: one (64-bit, slow on GPUs) division per group, not per element
-        blk = ((g * 8) // bs)[:, None] + tl.zeros([G, 8], dtype=tl.int64)
-    else:
-        blk = offs // bs
+    blk = _block_of(g, offs, bs, G, ALIGNED)
     s = tl.load(s_ptr + blk, mask=valid, other=1.0).to(tl.float32)
     pos = s > 0
     safe = tl.where(pos, s, 1.0)
@@ -126,7 +138,7 @@ def _pack_kernel(x_ptr, s_ptr, z_ptr, out_ptr, n, bs, ngroups,
     q = tl.where(valid, q, 0.0).to(tl.int64)  # padding codes are 0
     word = tl.sum(q << (BITS * (7 - j))[None, :], axis=1)
     jb = tl.arange(0, 8).to(tl.int64)
-    sh = tl.where(jb < BITS, 8 * (BITS - 1 - jb), 0)
+    sh = _byte_shifts(jb, BITS)
     byte = (word[:, None] >> sh[None, :]) & 255
     omask = (jb[None, :] < BITS) & (g[:, None] < ngroups)
     tl.store(out_ptr + g[:, None] * BITS + jb[None, :], byte.to(tl.uint8), mask=omask)
@@ -140,16 +152,13 @@ def _dequant_kernel(p_ptr, s_ptr, z_ptr, out_ptr, n, bs, ngroups,
     jb = tl.arange(0, 8).to(tl.int64)
     bmask = (jb[None, :] < BITS) & (g[:, None] < ngroups)
     byte = tl.load(p_ptr + g[:, None] * BITS + jb[None, :], mask=bmask, other=0).to(tl.int64)
-    sh = tl.where(jb < BITS, 8 * (BITS - 1 - jb), 0)
+    sh = _byte_shifts(jb, BITS)
     word = tl.sum(byte << sh[None, :], axis=1)
     j = tl.arange(0, 8).to(tl.int64)
     c = ((word[:, None] >> (BITS * (7 - j))[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
     offs = g[:, None] * 8 + j[None, :]
     valid = offs < n
-    if ALIGNED:
-        blk = ((g * 8) // bs)[:, None] + tl.zeros([G, 8], dtype=tl.int64)
-    else:
-        blk = offs // bs
+    blk = _block_of(g, offs, bs, G, ALIGNED)
     s = tl.load(s_ptr + blk, mask=valid, other=0.0).to(tl.float32)
     if SYM:
         HALF: tl.constexpr = 1 << (BITS - 1)

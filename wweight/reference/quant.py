@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of blockwise round-to-nearest quantization with outliers held out.
 
-Small and obviously right; every fast path (``wweight.cpu.quant``, ``wweight.kernels.quant``,
-``csrc/quant.cu``) is tested against these functions.
+Small and obviously right; every fast path (``wweight/backends/{torch,triton,cuda}/quant.py`` and
+their kernels ``wweight/kernels/quant.py``, ``csrc/quant.cu``) is tested against these functions.
 
 Semantics (shared by every backend, documented in :func:`wweight.quantize`):
 

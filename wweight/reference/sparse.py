@@ -3,7 +3,7 @@
 These are deliberately small and literal: they follow ``mergekit/sparsify.py`` and
 ``mergekit/merge_methods/generalized_task_arithmetic.py`` line by line, computing in the
 tensor's own dtype exactly where mergekit does (so bf16/fp16 round at the same points).
-Every kernel and the fast CPU path in ``wweight/cpu/sparse.py`` is tested against them.
+Every kernel and the fast CPU path in ``wweight/backends/torch/sparse.py`` is tested against them.
 
 Deliberate, documented differences from mergekit:
 

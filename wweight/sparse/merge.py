@@ -62,7 +62,7 @@ def _merge_impl(method: str, base: Optional[torch.Tensor], tensors: List[torch.T
                 rescale: bool, seed: int, name: str) -> torch.Tensor:
     m = M.get(method)
     K = len(tensors)
-    if method == "linear":
+    if not m.needs_base:  # linear
         if name in ("reference", "torch"):
             out = ref.linear_ref(tensors, weights, normalize)
             if not all(bool(torch.isfinite(t).all()) for t in tensors if t.numel()):
@@ -102,7 +102,7 @@ def merge_tensors(method: M.MergeMethod, base: Optional[torch.Tensor], tensors: 
     weights = per_model("weights", weights, K, method.default("weight"))
     lambda_ = _validate.number("lambda_", lambda_)
     normalize = method.normalize if normalize is None else bool(normalize)
-    if method.name == "linear":
+    if not method.needs_base:  # linear: a weighted average of the models themselves
         if normalize and abs(sum(weights)) < 1e-12:
             raise ValueError("weights sum to 0: a normalized linear merge would divide by zero")
         dens = gam = eps = [1.0] * K
@@ -146,9 +146,10 @@ def merge_state_dicts(method: M.MergeMethod, base: Optional[Dict[str, torch.Tens
     unknown = sorted(set(kwargs) - set(_KEY_KWARGS))
     kw = {"density": M.DENSITY.default, "gamma": M.GAMMA.default, "epsilon": M.EPSILON.default,
           "lambda_": M.LAMBDA.default, "normalize": None, "rescale": None}
-    if method.name != "linear":  # alpha is mergekit's lambda
+    twice = None
+    if "lambda" in method.names():  # alpha is mergekit's lambda
         if "lambda_" in kwargs:
-            unknown = ["lambda_ (give alpha)"]
+            twice = "wweight.merge.merge_tensors() got multiple values for keyword argument 'lambda_'"
         kw["lambda_"] = alpha
     kw.update({k: v for k, v in kwargs.items() if k in _KEY_KWARGS})
     it = keys
@@ -163,8 +164,8 @@ def merge_state_dicts(method: M.MergeMethod, base: Optional[Dict[str, torch.Tens
             out[k] = ref_sd[k].clone()
             continue
         try:
-            if unknown:
-                raise TypeError(f"unexpected keyword arguments for method {method.name!r}: {unknown}")
+            if unknown or twice:
+                raise TypeError(twice or f"unexpected keyword arguments for method {method.name!r}: {unknown}")
             out[k] = merge_tensors(method, b, [sd[k] for sd in finetuned], weights, kw["density"], kw["gamma"],
                                    kw["epsilon"], kw["lambda_"], kw["normalize"], kw["rescale"],
                                    key_seed(seed, k), backend)

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 # The kernels read these: wweight/kernels/sparse.py imports them, csrc/sparse_elem.h mirrors them
-# (kBlock, Mode) and tests/test_build.py checks the compiled value.
+# (kBlock, Mode) and tests/test_layout.py checks the compiled values.
 BLOCK = 1024              # elements per block of the merge / tie kernels (tie offsets are per block)
 BIG = 1 << 62             # "no limit" for keys and tie windows
 MODE_NONE, MODE_WINDOW, MODE_RANDOM = 0, 1, 2

@@ -61,9 +61,12 @@ def quantize_pack(x, bs, bits, scale, zero):
 
 
 def quantize(x: torch.Tensor, mask: Optional[torch.Tensor], thr: float, bits: int, bs: int, symmetric: bool,
-             clip: Optional[float], scale_dtype: torch.dtype):
-    """Flat contiguous ``x`` -> (codes, scale, zero or None, outlier flat indices int64)."""
-    if bs % 8 == 0 and bs <= FUSED_MAX_BLOCK and scale_dtype in _FUSED_SCALE_DTYPES:
+             clip: Optional[float], scale_dtype: torch.dtype, one_pass: Optional[bool] = None):
+    """Flat contiguous ``x`` -> (codes, scale, zero or None, outlier flat indices int64).
+
+    ``one_pass``: None picks the one-pass kernel where it applies; False forces the two-kernel path."""
+    fused = bs % 8 == 0 and bs <= FUSED_MAX_BLOCK and scale_dtype in _FUSED_SCALE_DTYPES
+    if fused and one_pass is not False:
         codes, scale, zero = quantize_fused(x, bs, bits, symmetric, thr, mask, clip, scale_dtype)
         return codes, scale, zero, outlier_indices(x, thr, mask)
     lo, hi, amax = block_stats(x, bs, symmetric, thr, mask)
@@ -100,10 +103,11 @@ def selftest_quantize(device: torch.device, prims=None) -> bool:
     runs the self-test itself on the CPU backends, so a wrong self-test cannot disable good kernels)."""
     prims = prims or sys.modules[__name__]
     for w, bits, bs, sym, thr, (codes, scale, zero, idx, _) in _selftest_cases():
-        c, s, z, i = prims.quantize(w.to(device), None, thr, bits, bs, sym, None, torch.float16)
-        if not (torch.equal(c.cpu(), codes) and torch.equal(s.cpu(), scale) and torch.equal(i.cpu(), idx)
-                and (zero is None or torch.equal(z.cpu(), zero))):
-            return False
+        for one_pass in (None, False):  # the kernel that applies, and the two-kernel path for every case
+            c, s, z, i = prims.quantize(w.to(device), None, thr, bits, bs, sym, None, torch.float16, one_pass)
+            if not (torch.equal(c.cpu(), codes) and torch.equal(s.cpu(), scale) and torch.equal(i.cpu(), idx)
+                    and (zero is None or torch.equal(z.cpu(), zero))):
+                return False
     return True
 
 

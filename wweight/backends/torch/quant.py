@@ -327,8 +327,9 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.T
 
 
 def quantize(x: torch.Tensor, mask: Optional[torch.Tensor], thr: float, bits: int, bs: int, symmetric: bool,
-             clip: Optional[float], scale_dtype: torch.dtype):
-    """Flat contiguous ``x`` -> (codes, scale, zero or None, outlier flat indices int64)."""
+             clip: Optional[float], scale_dtype: torch.dtype, one_pass: Optional[bool] = None):
+    """Flat contiguous ``x`` -> (codes, scale, zero or None, outlier flat indices int64); ``one_pass`` is
+    accepted for the common contract (this path has one algorithm: statistics, then codes)."""
     want_outliers = math.isfinite(thr) or mask is not None
     lo, hi, amax, idx = block_stats(x, bs, bits, symmetric, thr, mask, want_outliers)
     scale, zero = finalize(lo, hi, amax, bits, symmetric, clip, scale_dtype)

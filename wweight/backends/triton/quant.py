@@ -103,9 +103,11 @@ def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
 
 
 def quantize(x: torch.Tensor, mask: Optional[torch.Tensor], thr: float, bits: int, bs: int, symmetric: bool,
-             clip: Optional[float], scale_dtype: torch.dtype):
-    """Flat contiguous ``x`` -> (codes, scale, zero or None, outlier flat indices int64)."""
-    if fused_ok(bs, scale_dtype):  # one pass: stats, scale, codes, packing
+             clip: Optional[float], scale_dtype: torch.dtype, one_pass: Optional[bool] = None):
+    """Flat contiguous ``x`` -> (codes, scale, zero or None, outlier flat indices int64).
+
+    ``one_pass``: None picks the one-pass kernel where it applies; False forces the three-kernel path."""
+    if fused_ok(bs, scale_dtype) and one_pass is not False:  # one pass: stats, scale, codes, packing
         codes, scale, zero = quantize_fused(x, bs, bits, symmetric, thr, mask, clip, scale_dtype)
     else:
         lo, hi, amax = block_stats(x, bs, symmetric, thr, mask)
