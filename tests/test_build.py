@@ -6,14 +6,14 @@ import shutil
 
 import pytest
 
-from wweight import _ext
+from wweight import _dispatch
 
 
 def test_cpu_extension_built():
     if os.environ.get("WWEIGHT_BUILD_CPU", "auto").lower() in ("0", "off", "false", "no"):
         pytest.skip("WWEIGHT_BUILD_CPU=0")
-    ext = _ext.cpu_extension()
-    assert ext is not None, _ext.cpu_extension_error()
+    ext = _dispatch.cpu_extension()
+    assert ext is not None, _dispatch.cpu_extension_error()
     for name in ("sparse_digit_hist", "sparse_tie_counts", "sparse_rescale_stats", "sparse_merge"):
         assert hasattr(ext, name)
 
@@ -22,8 +22,8 @@ def test_cpu_extension_built():
 def test_cuda_extension_built_and_importable_without_gpu():
     if os.environ.get("WWEIGHT_BUILD_CUDA", "auto").lower() in ("0", "off", "false", "no"):
         pytest.skip("WWEIGHT_BUILD_CUDA=0")
-    ext = _ext.cuda_extension()
-    assert ext is not None, _ext.cuda_extension_error()
+    ext = _dispatch.cuda_extension()
+    assert ext is not None, _dispatch.cuda_extension_error()
     for name in ("sparse_digit_hist", "sparse_tie_counts", "sparse_rescale_stats", "sparse_merge",
                  "quant_dequant", "quant_pack", "quant_stats"):
         assert hasattr(ext, name), name

@@ -193,9 +193,9 @@ def test_triton_fused_and_two_pass_paths(fused, scale_dtype, triton_device, monk
 @requires_cuda
 @pytest.mark.parametrize("bits,bs,sym,outliers", CASES)
 def test_cuda_matches_reference(bits, bs, sym, outliers):  # pragma: no cover - needs a GPU
-    from wweight import _ext
+    from wweight import _dispatch
 
-    if _ext.cuda_extension() is None:
+    if _dispatch.cuda_extension() is None:
         pytest.skip("CUDA extension not built")
     w = _w((24, 61), bits)
     bs_i = bs if not isinstance(bs, str) else {"row": 61, "tensor": 24 * 61}[bs]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import wweight
-from wweight import _dispatch, _ext
+from wweight import _dispatch
 from wweight.reference import sparse as ref
 from wweight.reference.philox import philox_uniform
 
@@ -19,7 +19,7 @@ TA = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "bre
 
 def backends():
     out = ["torch"]
-    if _ext.cpu_extension() is not None:
+    if _dispatch.cpu_extension() is not None:
         out.append("cpu")
     try:
         import triton  # noqa: F401
@@ -27,7 +27,7 @@ def backends():
         out.append("triton")
     except ImportError:
         pass
-    if HAS_CUDA and _ext.cuda_extension() is not None:
+    if HAS_CUDA and _dispatch.cuda_extension() is not None:
         out.append("cuda")
     return out
 
@@ -180,7 +180,7 @@ def test_triton_philox_matches_torch_stream_past_2_32_counters():
 
 
 def test_cpu_extension_philox_matches_torch_stream():
-    ext = _ext.cpu_extension()
+    ext = _dispatch.cpu_extension()
     if ext is None:
         pytest.skip("C++ CPU extension not built")
     for start in (0, 3, 2 ** 33 + 1):
@@ -212,7 +212,7 @@ def test_same_seed_same_mask_everywhere(backend):
 @pytest.mark.slow
 def test_big_tensor_index_path_past_2_31():
     """kth_largest_abs and a fused sparsify over > 2**31 elements (64-bit offsets), on the CPU kernels."""
-    if _ext.cpu_extension() is None:
+    if _dispatch.cpu_extension() is None:
         pytest.skip("C++ CPU extension not built")
     n = 2 ** 31 + 4096
     try:
