@@ -36,6 +36,7 @@ from ._ext import cpu_extension, cpu_extension_error, cuda_extension, cuda_exten
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
 _VALID = BACKENDS + ("auto",)
+_GLUE = tuple(b for b in BACKENDS if b != "reference")  # backends with a wweight/backends/<name>/ package
 
 _local = threading.local()
 _selftest_results: Dict[tuple, bool] = {}
@@ -104,8 +105,8 @@ def backend_module(family: str, name: str):
     key = (family, name)
     mod = _modules.get(key)
     if mod is None:
-        if name not in ("cuda", "triton", "cpu", "torch"):
-            raise ValueError(f"backend {name!r} has no kernel glue (expected cuda, triton, cpu or torch)")
+        if name not in _GLUE:
+            raise ValueError(f"backend {name!r} has no kernel glue (expected one of {list(_GLUE)})")
         mod = importlib.import_module(f"wweight.backends.{name}.{family}")
         _modules[key] = mod
     return mod

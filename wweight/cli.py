@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_merge(args) -> int:
-    from .checkpoint import human, run_merge
+    from .checkpoint.format import DRY_RUN_NOTE, human
+    from .checkpoint import run_merge
     from .config import load_config
 
     cfg = load_config(args.config)
@@ -117,7 +118,7 @@ def _cmd_merge(args) -> int:
                     allow_symlinks=args.allow_symlinks, fsync=not args.no_fsync)
     if args.dry_run:
         print(res["plan"].describe())
-        print("dry run: validated, nothing written")
+        print(DRY_RUN_NOTE)
         return 0
     if res["rank"] == 0 and not args.quiet:
         s = res["seconds"]

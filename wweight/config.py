@@ -43,8 +43,6 @@ from . import methods as M
 #: Methods the YAML accepts, their parameters, scopes, defaults and ranges: the one registry.
 METHODS = M.MERGE_METHODS
 ISO_METHODS = M.ISO_METHODS
-#: Methods whose base model is required (the merge acts on task vectors).
-NEEDS_BASE = tuple(m for m in METHODS if M.get(m).needs_base)
 
 DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -229,7 +227,7 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
     if data.get("base_model") is not None:
         b = _model_ref(data["base_model"], "base_model", src)
         base = ModelEntry(absolute(b), {}, b)
-    elif method in NEEDS_BASE:
+    elif spec.needs_base:
         raise ConfigError(f"{src}: merge_method {method!r} needs base_model")
 
     raw_models = data.get("models")

@@ -103,8 +103,6 @@ class MergeMethod:
     needs_base: bool = True              # task vectors are tensors[i] - base
     consensus: Optional[str] = None      # "sum": TIES sign election
     sparsification: Optional[str] = None  # a wweight.sparsify method
-    normalize: bool = False              # default of the "normalize" parameter
-    rescale: bool = False                # default of the "rescale" parameter
     paper: str = ""
 
     def param(self, name: str) -> Param:
@@ -118,6 +116,16 @@ class MergeMethod:
 
     def default(self, name: str) -> Any:
         return self.param(name).default
+
+    @property
+    def normalize(self) -> bool:
+        """Default of the ``normalize`` parameter (False for methods without one)."""
+        return "normalize" in self.names() and bool(self.default("normalize"))
+
+    @property
+    def rescale(self) -> bool:
+        """Default of the ``rescale`` parameter (False for methods without one)."""
+        return "rescale" in self.names() and bool(self.default("rescale"))
 
 
 _REGISTRY: Dict[str, MergeMethod] = {}
@@ -145,15 +153,12 @@ def registered(family: Optional[str] = None) -> Tuple[str, ...]:
 
 # -------------------------------------------------------------------------------------- parameters
 
-def _weight(default_required: bool = True) -> Param:
-    return Param("weight", float, PER_MODEL, default=1.0, required=default_required, arg="weights",
-                 help="weight of the model's task vector")
-
-
 def _bool(name: str, default: bool, help: str) -> Param:
     return Param(name, bool, SHARED, default=default, help=help)
 
 
+WEIGHT = Param("weight", float, PER_MODEL, default=1.0, required=True, arg="weights",
+               help="weight of the model's task vector")
 DENSITY = Param("density", float, PER_MODEL, default=1.0, range=UNIT, yaml_range=Range(0.0, 1.0, lo_open=True),
                 help="fraction of the task vector kept")
 GAMMA = Param("gamma", float, PER_MODEL, default=0.01, range=UNIT, yaml_range=Range(0.0, 1.0, hi_open=True),
@@ -172,14 +177,13 @@ def _task_arithmetic(name: str, consensus, sparsification, normalize: bool, resc
                      extra: Tuple[Param, ...] = ()) -> MergeMethod:
     params = (_bool("normalize", normalize, "divide by the summed weights (of agreeing models, with consensus)"),
               _bool("rescale", rescale, "L1 rescale of each sparsified task vector"),
-              LAMBDA, INT8_MASK, _weight(), DENSITY) + extra
-    return MergeMethod(name, "sparse", params, consensus=consensus, sparsification=sparsification,
-                       normalize=normalize, rescale=rescale, paper=paper)
+              LAMBDA, INT8_MASK, WEIGHT, DENSITY) + extra
+    return MergeMethod(name, "sparse", params, consensus=consensus, sparsification=sparsification, paper=paper)
 
 
 register(MergeMethod("linear", "sparse",
-                     (_bool("normalize", True, "divide by the sum of the weights"), _weight()),
-                     needs_base=False, normalize=True, paper="Wortsman et al. 2022, model soups"))
+                     (_bool("normalize", True, "divide by the sum of the weights"), WEIGHT),
+                     needs_base=False, paper="Wortsman et al. 2022, model soups"))
 register(_task_arithmetic("task_arithmetic", None, None, False, False, "Ilharco et al. 2023, task arithmetic"))
 register(_task_arithmetic("ties", "sum", "magnitude", True, False, "Yadav et al. 2023, TIES-Merging"))
 register(_task_arithmetic("dare_ties", "sum", "random", False, True, "Yu et al. 2023, DARE"))

@@ -15,7 +15,7 @@ import torch
 
 from .. import permute as P  # looked up at call time (as wweight.merge is by the pipeline)
 from .atomic import AtomicOutputDir
-from .format import CheckpointError, human
+from .format import DRY_RUN_NOTE, CheckpointError, human
 from .reader import Checkpoint, check_compatible
 from .writer import save_checkpoint
 
@@ -95,7 +95,7 @@ def run_align(spec: str, model_a: str, model_b: str, out_dir: str, *, max_iter: 
     msg = (f"align plan: {len(sp.perm_names)} permutations over {len(sp.axes_to_perm)} tensors "
            f"({spec} spec), MODEL_B {b.path} onto MODEL_A {a.path}, {human(a.nbytes + b.nbytes)} in memory on {dev}")
     if dry_run:
-        return {"message": msg + "\ndry run: validated, nothing written"}
+        return {"message": f"{msg}\n{DRY_RUN_NOTE}"}
     t0 = time.perf_counter()
     pa = {k: a.read(k).to(dev) for k in a.keys}
     pb = {k: b.read(k).to(dev) for k in b.keys}

@@ -37,6 +37,10 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+#: the last line of every dry run (merge, align, quantize)
+DRY_RUN_NOTE = "dry run: validated, nothing written"
+
+
 class CheckpointError(ValueError):
     """A bad model directory / shard / output directory; the message names the file and key."""
 

@@ -18,7 +18,7 @@ from ..config import parse_dtype
 from .. import quant as Q  # looked up at call time
 from ..quant.format import NAME_DTYPES
 from .atomic import AtomicOutputDir, atomic_output
-from .format import FLOATS, CheckpointError, human, inside, parse_size, read_header, write_json
+from .format import DRY_RUN_NOTE, FLOATS, CheckpointError, human, inside, parse_size, read_header, write_json
 from .reader import Checkpoint
 from .writer import ShardedWriter, copy_side_files, plan_shards
 
@@ -67,7 +67,7 @@ def run_quantize(model_dir: str, out_dir: str, *, bits: int = 4, block_size: int
     msg = (f"quantize plan: {len(src.keys)} tensors ({human(src.nbytes)}) of {src.path}, {bits}-bit blocks of "
            f"{block_size}, outliers {out_spec}, skip {list(skip or [])}, {len(groups)} file(s), device {dev}")
     if dry_run:
-        return {"message": msg + "\ndry run: validated, nothing written"}
+        return {"message": f"{msg}\n{DRY_RUN_NOTE}"}
     t0 = time.perf_counter()
     n = len(groups)
     weight_map: Dict[str, str] = {}

@@ -17,16 +17,17 @@ def packed_bytes(n: int, bits: int) -> int:
 
 
 def reduce_partials(pmin: torch.Tensor, pmax: torch.Tensor, nb: int, nchunks: int, symmetric: bool):
-    """Per-(block, chunk) partial min / max -> per-block (lo, hi, None) or (None, None, absmax).
-
-    A block whose elements are all outliers has lo > hi (inf, -inf): its statistics become 0.
-    """
+    """Per-(block, chunk) partial min / max -> per-block (lo, hi, None) or (None, None, absmax)."""
     if symmetric:
         return None, None, pmax.view(nb, nchunks).amax(1)
-    lo = pmin.view(nb, nchunks).amin(1)
-    hi = pmax.view(nb, nchunks).amax(1)
+    lo, hi = zero_empty_blocks(pmin.view(nb, nchunks).amin(1), pmax.view(nb, nchunks).amax(1))
+    return lo, hi, None
+
+
+def zero_empty_blocks(lo: torch.Tensor, hi: torch.Tensor):
+    """A block whose elements are all outliers has lo > hi (inf, -inf): its statistics become 0 (in place)."""
     empty = lo > hi
-    return lo.masked_fill_(empty, 0.0), hi.masked_fill_(empty, 0.0), None
+    return lo.masked_fill_(empty, 0.0), hi.masked_fill_(empty, 0.0)
 
 
 def finalize(lo, hi, amax, bits: int, symmetric: bool, clip: Optional[float], scale_dtype: torch.dtype):

@@ -27,6 +27,13 @@ BLOCK = 1024              # elements per block of the merge / tie kernels (tie o
 BIG = 1 << 62             # "no limit" for keys and tie windows
 MODE_NONE, MODE_WINDOW, MODE_RANDOM = 0, 1, 2
 EPS = 1e-7
+NORM_CODES = {"l1": 1, "l2": 2, "linf": 3}   # the rescale_stats kernels' NORM argument
+
+
+def reduce_norm_partials(part: torch.Tensor, norm: str) -> torch.Tensor:
+    """(K, nblocks, 2) per-block float32 (before, after) partials -> (K, 2) float64 (max for linf)."""
+    part = part.double()
+    return part.amax(dim=1) if norm == "linf" else part.sum(dim=1)
 
 
 def key_bits(dtype: torch.dtype) -> int:

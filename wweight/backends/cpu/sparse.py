@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 
 from ..._ext import cpu_extension, dtype_code, ptr, ptrs
-from ...sparse.plan import BLOCK, first, round16 as _round16
+from ...sparse.plan import BLOCK, NORM_CODES, first, round16 as _round16
 
 
 def _args(xs, base):
-    return ptrs(xs), ptr(base), dtype_code(first(xs, base)), first(xs, base).numel()
+    x0 = first(xs, base)
+    return ptrs(xs), ptr(base), dtype_code(x0), x0.numel()
 
 
 def digit_hist(xs, base, qmodel, prefix, shift, nbits, high_shift, has_prefix):
@@ -32,7 +33,7 @@ def tie_counts(xs, base, qmodel, qkey):
 def rescale_stats(xs, base, plan, norm):
     out = torch.zeros((len(xs), 2), dtype=torch.float64)
     cpu_extension().sparse_rescale_stats(*_args(xs, base), *plan.raw_args(plan.density.tolist()),
-                                         {"l1": 1, "l2": 2, "linf": 3}[norm], out.data_ptr())
+                                         NORM_CODES[norm], out.data_ptr())
     return out
 
 

@@ -14,7 +14,7 @@ import torch
 from ..._ext import cuda_extension, dtype_code, ptr, ptrs, stream
 from ...methods import EPSILON, GAMMA, get
 from ...reference import sparse as ref
-from ...sparse.plan import BLOCK, first, round16 as _round16
+from ...sparse.plan import BLOCK, NORM_CODES, first, reduce_norm_partials, round16 as _round16
 
 
 def digit_hist(xs, base, qmodel, prefix, shift, nbits, high_shift, has_prefix):
@@ -42,11 +42,10 @@ def rescale_stats(xs, base, plan, norm):
     n = x0.numel()
     nblocks = (n + BLOCK - 1) // BLOCK
     part = torch.zeros((len(xs), max(nblocks, 1), 2), dtype=torch.float32, device=x0.device)
-    code = {"l1": 1, "l2": 2, "linf": 3}[norm]
     cuda_extension().sparse_rescale_stats(ptrs(xs), ptr(base), dtype_code(x0), n,
-                                          *plan.raw_args(plan.density.data_ptr()), code, part.data_ptr(), stream(x0))
-    part = part.double()
-    return part.amax(dim=1) if code == 3 else part.sum(dim=1)
+                                          *plan.raw_args(plan.density.data_ptr()), NORM_CODES[norm], part.data_ptr(),
+                                          stream(x0))
+    return reduce_norm_partials(part, norm)
 
 
 def merge(xs, base, out, plan, weights, scales, lam, divisor_nc, consensus, normalize, sparsify_only=False,

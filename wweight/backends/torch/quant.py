@@ -24,7 +24,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ...quant.scales import finalize, packed_bytes
+from ...quant.scales import finalize, packed_bytes, zero_empty_blocks
 
 # elements per chunk: just below torch's parallel grain (32768) so ops never fork OpenMP threads,
 # and a multiple of 8 so that every chunk starts at a byte boundary of the packed bitstream.
@@ -194,9 +194,7 @@ def block_stats(x: torch.Tensor, bs: int, bits: int, symmetric: bool, thr: float
             torch.maximum(hi[sl], p_hi, out=hi[sl])
         idx.extend(p_idx)
     if not symmetric:
-        empty = lo > hi  # every element of the block was an outlier
-        lo.masked_fill_(empty, 0.0)
-        hi.masked_fill_(empty, 0.0)
+        zero_empty_blocks(lo, hi)
     oidx = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64, device=dev)
     return lo, hi, amax, oidx
 

@@ -10,13 +10,14 @@ import torch
 import triton
 
 from ...kernels.sparse import _digit_hist_kernel, _merge_kernel, _stats_kernel, _tie_count_kernel
-from ...sparse.plan import BLOCK, first, round16 as _round16
+from ..._ext import ptrs
+from ...sparse.plan import BLOCK, NORM_CODES, first, reduce_norm_partials, round16 as _round16
 
 HIST_BLOCK = 1024      # elements per tile of the histogram kernel
 
 
 def _ptr_table(xs):
-    return torch.tensor([x.data_ptr() for x in xs], dtype=torch.int64, device=xs[0].device)
+    return torch.tensor(ptrs(xs), dtype=torch.int64, device=xs[0].device)
 
 
 def _grid_programs(n, blk, device):
@@ -66,16 +67,12 @@ def rescale_stats(xs, base, plan, norm):
     K = len(xs)
     nblocks = triton.cdiv(n, BLOCK)
     part = torch.zeros((K, max(nblocks, 1), 2), dtype=torch.float32, device=ref.device)
-    code = {"l1": 1, "l2": 2, "linf": 3}[norm]
     if n:
         _stats_kernel[(nblocks, K)](
             _ptr_table(xs), ref, plan.kp, plan.tie_offsets, plan.density, part, n, nblocks,
-            plan.seed_lo, plan.seed_hi, plan.stream0, NORM=code, MODE=plan.mode, HAS_TIES=plan.has_ties,
+            plan.seed_lo, plan.seed_hi, plan.stream0, NORM=NORM_CODES[norm], MODE=plan.mode, HAS_TIES=plan.has_ties,
             HAS_BASE=base is not None, ROUND16=_round16(ref.dtype), BLK=BLOCK, enable_fp_fusion=False)
-    part = part.double()
-    if code == 3:
-        return part.amax(dim=1)
-    return part.sum(dim=1)
+    return reduce_norm_partials(part, norm)
 
 
 def merge(xs, base, out, plan, weights, scales, lam, divisor_nc, consensus, normalize, sparsify_only=False,
