@@ -14,6 +14,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+# a benchmark measures the backend it names: a CUDA kernel failing its self-test is an error, not a
+# silent fallback to another backend (wweight._dispatch, strict mode)
+os.environ.setdefault("WWEIGHT_STRICT", "1")
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

@@ -21,6 +21,8 @@ except Exception:  # pragma: no cover
 
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# a CUDA kernel that fails its self-test must fail the tests, not silently fall back
+os.environ.setdefault("WWEIGHT_STRICT", "1")
 
 import pytest  # noqa: E402
 

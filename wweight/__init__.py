@@ -13,7 +13,7 @@ Backends: ``wweight.use_backend("cuda"|"triton"|"cpu"|"torch"|"reference")`` or 
 Merge methods: the registry :mod:`wweight.methods`. Re-exports only: the code lives in the family
 packages (``sparse/``, ``iso/``, ``permute/``, ``quant/``), ``merge.py`` and ``checkpoint/``.
 """
-from ._dispatch import use_backend, BACKENDS
+from ._dispatch import use_backend, strict, BACKENDS
 from .sparse import sparsify, kth_largest_abs, key_seed
 from .merge import merge_tensors, merge_state_dicts, MERGE_METHODS
 from .iso import ISO_METHODS, iso_merge_tensors, iso_merge_state_dicts
@@ -49,7 +49,7 @@ from .config import load_config, MergeConfig
 __version__ = "0.1.0"
 
 __all__ = [
-    "use_backend", "BACKENDS",
+    "use_backend", "strict", "BACKENDS",
     "sparsify", "kth_largest_abs", "merge_tensors", "merge_state_dicts", "MERGE_METHODS", "key_seed",
     "ISO_METHODS", "iso_merge_tensors", "iso_merge_state_dicts",
     "PermutationSpec", "weight_matching", "apply_permutation", "linear_sum_assignment", "random_permutation",

@@ -17,9 +17,21 @@ C++ extension -> torch on CPU tensors. A backend can be forced per call (``backe
 
 The code that runs a resolved backend is :func:`backend_module` (``wweight/backends/<name>/<family>.py``).
 CUDA kernels that were never run on the machine's GPU get a one-off self-test against the
-reference the first time they are chosen (``SELFTESTS`` of the family's CUDA glue); a failing kernel is
-disabled with a warning and the next backend is used, so a bad build never returns silently
-wrong numbers.
+reference the first time ``auto`` would choose them (``SELFTESTS`` of the family's CUDA glue).
+
+What a failed self-test can and cannot recover from:
+
+* **wrong numbers** (the kernel ran, the result differs): the kernel set is disabled for that
+  device and ``auto`` uses Triton / torch instead, with a warning; no wrong result is returned;
+* **a Python-level error** (e.g. a launch refused): the same;
+* **a crash on the device** (illegal address, misaligned access, a trap): CUDA makes such an
+  error *sticky*; every later CUDA call in the process fails, Triton and torch included. No
+  fallback can run, so this raises ``RuntimeError`` saying so instead of pretending to fall back;
+  the process must be restarted (with ``WWEIGHT_BACKEND=triton`` to avoid the kernel).
+
+**Strict mode** (``WWEIGHT_STRICT=1``, or :func:`strict` inside a block): any failed self-test raises
+instead of falling back. The test suite and the benchmarks turn it on, so an ``auto`` run can never
+silently measure or test another backend than the one it names.
 """
 from __future__ import annotations
 
@@ -117,6 +129,34 @@ def _selftest(family: str, op: str):
     return getattr(backend_module(family, "cuda"), "SELFTESTS", {}).get(op)
 
 
+def is_strict() -> bool:
+    """Strict mode: a failed CUDA self-test raises instead of falling back (see the module doc)."""
+    ctx = getattr(_local, "strict", None)
+    if ctx is not None:
+        return ctx
+    return os.environ.get("WWEIGHT_STRICT", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def strict(on: bool = True) -> Iterator[None]:
+    """Strict mode for the ops called inside the block (thread-local)."""
+    prev = getattr(_local, "strict", None)
+    _local.strict = bool(on)
+    try:
+        yield
+    finally:
+        _local.strict = prev
+
+
+def _context_usable(device: torch.device) -> bool:
+    """False when the CUDA context of ``device`` holds a sticky error (a kernel crashed)."""
+    try:
+        torch.cuda.synchronize(device)
+        return True
+    except Exception:
+        return False
+
+
 def _cuda_op_ok(op: str, family: str, device: torch.device) -> bool:
     ext = cuda_extension()
     if ext is None or not hasattr(ext, op):
@@ -126,19 +166,24 @@ def _cuda_op_ok(op: str, family: str, device: torch.device) -> bool:
     key = (op, device.index)
     with _lock:
         if key not in _selftest_results:
-            ok = True
+            ok, why = True, "its result differs from the reference"
             try:
                 fn = _selftest(family, op)
                 if fn is not None:
                     ok = bool(fn(device))
             except Exception as e:  # a crash in the kernel counts as a failure
-                warnings.warn(f"wweight: CUDA self-test of {op} raised {e!r}")
-                ok = False
+                ok, why = False, f"it raised {e!r}"
+                if not _context_usable(device):
+                    raise RuntimeError(
+                        f"wweight: the CUDA self-test of {op!r} crashed on {device} ({e!r}) and left the CUDA "
+                        "context unusable (a sticky device error): no backend can run in this process. Restart "
+                        "it with WWEIGHT_BACKEND=triton to avoid the CUDA kernels, and please report the crash."
+                    ) from e
             if not ok:
-                warnings.warn(
-                    f"wweight: CUDA kernel {op!r} failed its self-test on {device}; "
-                    "falling back to Triton/torch for this op"
-                )
+                msg = f"wweight: CUDA kernel {op!r} failed its self-test on {device}: {why}"
+                if is_strict():
+                    raise RuntimeError(msg + " (strict mode: WWEIGHT_STRICT=1 / wweight.strict())")
+                warnings.warn(msg + "; falling back to Triton/torch for this op", RuntimeWarning, stacklevel=3)
             _selftest_results[key] = ok
         return _selftest_results[key]
 

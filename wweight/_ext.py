@@ -11,7 +11,9 @@ extensions export that enum as ``DTYPE_CODES`` and ``tests/test_layout.py`` chec
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -26,10 +28,47 @@ def _extension(name: str):
     """Import a compiled extension once; remember the module or why it is missing."""
     if name not in _loaded:
         try:
-            _loaded[name] = (importlib.import_module(name), None)
+            mod = importlib.import_module(name)
+            problem = check_cuda_build(mod) if name == "wweight._cuda" else None
+            if problem:
+                warnings.warn(f"wweight: {problem}", RuntimeWarning, stacklevel=3)
+                _loaded[name] = (None, problem)
+            else:
+                _loaded[name] = (mod, None)
         except Exception as e:  # not built (no nvcc/compiler at install time) or no driver
             _loaded[name] = (None, f"{type(e).__name__}: {e}")
     return _loaded[name]
+
+
+def _major_minor(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def cuda_build_problem(built: int, torch_cuda: Optional[str], driver: int) -> Optional[str]:
+    """Why ``wweight._cuda`` (built against CUDA runtime ``built``, e.g. 13000) cannot run next to
+    torch's CUDA ``torch_cuda`` (e.g. ``"12.8"``; None for a CPU-only torch) and the driver's CUDA
+    ``driver`` (0: no driver), or None. Only the major versions must agree: CUDA's minor version
+    compatibility runs a 13.x runtime on any 13.y driver."""
+    if torch_cuda is None or driver == 0:
+        return None          # no CUDA tensors can exist here: the kernels are never picked
+    how = ("rebuild it with the matching nvcc (NVCC=/path/to/nvcc pip install --force-reinstall --no-deps .), "
+           "or skip it (WWEIGHT_BUILD_CUDA=0); the Triton and torch backends still run")
+    b_major, t_major, d_major = built // 1000, int(str(torch_cuda).split(".")[0]), driver // 1000
+    if b_major != t_major:
+        return (f"wweight._cuda was built with CUDA {_major_minor(built)} (the nvcc found at install time) "
+                f"but torch uses CUDA {torch_cuda}; the CUDA kernels are disabled: {how}")
+    if d_major < b_major:
+        return (f"wweight._cuda was built with CUDA {_major_minor(built)} but the NVIDIA driver supports only "
+                f"CUDA {_major_minor(driver)}; the CUDA kernels are disabled: update the driver or {how}")
+    return None
+
+
+def check_cuda_build(mod) -> Optional[str]:
+    """:func:`cuda_build_problem` for the imported extension (None for a build without the versions)."""
+    built = getattr(mod, "CUDA_RUNTIME_VERSION", None)
+    if built is None or not hasattr(mod, "cuda_driver_version"):
+        return None
+    return cuda_build_problem(int(built), torch.version.cuda, int(mod.cuda_driver_version()))
 
 
 def cuda_extension():
@@ -72,3 +111,31 @@ def ptrs(xs) -> list:
 def stream(t: torch.Tensor) -> int:
     """The raw handle of torch's current stream on ``t``'s device (kernels are ordered with torch's)."""
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def cuda_device_of(args) -> Optional[torch.device]:
+    """The device of the first CUDA tensor among ``args`` (looking one level into lists and tuples)."""
+    for a in args:
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                return t.device
+    return None
+
+
+def on_tensor_device(fn):
+    """Run ``fn`` (a glue primitive) under the CUDA device of its tensors.
+
+    CUDA kernels launch on the *current* device while the stream, allocations and pointers come
+    from the tensors' device: a tensor on ``cuda:1`` with ``cuda:0`` current is an invalid-handle
+    error or an illegal address. Every CUDA-glue primitive is wrapped (``tests/test_device_guard.py``).
+    """
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        dev = cuda_device_of(list(args) + list(kwargs.values()))
+        if dev is None or dev.index is None or dev.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(dev):
+            return fn(*args, **kwargs)
+
+    guarded.device_guarded = True
+    return guarded

@@ -21,7 +21,10 @@ The general path (any block size) is three kernels:
   float32 -> the output dtype. Outliers are scattered afterwards by torch (K << n elements).
 
 Division uses ``div_rn`` (IEEE round-to-nearest) and rounding is done by hand as exact
-round-half-to-even so codes match ``torch.round((w - zero) / scale)`` bit for bit.
+round-half-to-even so codes match ``torch.round((w - zero) / scale)`` bit for bit. Every kernel
+is launched with ``enable_fp_fusion=False``: ``code * scale + zero`` must round the product and
+the sum separately, as torch and the CUDA kernels (``__fmul_rn`` / ``__fadd_rn``) do, and the
+PTX is checked for it (``tests/test_triton_aot.py``).
 """
 from __future__ import annotations
 
@@ -82,8 +85,11 @@ def _kept(v, m_ptr, offs, valid, thr, HAS_MASK: tl.constexpr, EXCL: tl.constexpr
 def _stats_kernel(x_ptr, m_ptr, pmin_ptr, pmax_ptr, n, bs, nb, nchunks, thr,
                   HAS_MASK: tl.constexpr, EXCL: tl.constexpr, SYM: tl.constexpr,
                   ROWS: tl.constexpr, COLS: tl.constexpr):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
+    # a 1-D grid of (row tile, column chunk) pairs: a 2-D one puts cdiv(block_size, COLS) on
+    # grid.y, past its 65,535 limit for one block of more than 67M elements (block_size="tensor")
+    pid = tl.program_id(0).to(tl.int64)
+    pid_r = pid // nchunks
+    pid_c = pid % nchunks
     rows = pid_r * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = pid_c * COLS + tl.arange(0, COLS).to(tl.int64)
     offs = rows[:, None] * bs + cols[None, :]
@@ -243,8 +249,11 @@ def _dq_matmul_kernel(x_ptr, p_ptr, s_ptr, z_ptr, y_ptr, M, N, K, bs, nbytes,
 
     Element W[n, k] is code number f = n*K + k of the bitstream; it starts at bit f*BITS, so it
     lies inside the 16-bit window of bytes (f*BITS >> 3, +1) for every width 2..8."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # a 1-D grid (N / BN tiles may pass grid.y's 65,535 limit): program -> (row tile, column tile)
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BN)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     rn = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)
     acc = tl.zeros((BM, BN), dtype=tl.float32)

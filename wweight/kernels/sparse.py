@@ -29,6 +29,12 @@ MODE_NONE = tl.constexpr(_plan.MODE_NONE)
 MODE_WINDOW = tl.constexpr(_plan.MODE_WINDOW)
 MODE_RANDOM = tl.constexpr(_plan.MODE_RANDOM)
 
+# _SEEDS: Triton turns an integer argument equal to 1 into a compile-time constant (a Python int,
+# which has no ``.to``), and specialises on divisibility by 16. The Philox key words and the stream
+# take any value, so they are never specialised (one compiled kernel per dtype/flag set instead of
+# one per seed class); ``tests/test_triton_aot.py`` compiles every kernel with every scalar argument
+# at 0, 1, 16 and 17.
+
 
 @triton.jit
 def _round(v, ELEM: tl.constexpr, ROUND16: tl.constexpr):
@@ -61,6 +67,17 @@ def _key(d, ELEM: tl.constexpr, ROUND16: tl.constexpr):
 
 
 @triton.jit
+def _model_ptr(xs_ptr, t, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to model ``t``'s tensor from the int64 pointer table. A pointer loaded from memory has
+    no known alignment, so without ``ALIGNED`` (every input 16-byte aligned, checked by the launcher)
+    no load through it would be vectorised."""
+    x_ptr = tl.load(xs_ptr + t).to(tl.pointer_type(ELEM))
+    if ALIGNED:
+        x_ptr = tl.multiple_of(x_ptr, 16)
+    return x_ptr
+
+
+@triton.jit
 def _delta(x_ptr, base_ptr, offs, m, HAS_BASE: tl.constexpr, ELEM: tl.constexpr, ROUND16: tl.constexpr):
     x = tl.load(x_ptr + offs, mask=m, other=0).to(tl.float32)
     if HAS_BASE:
@@ -74,12 +91,12 @@ def _delta(x_ptr, base_ptr, offs, m, HAS_BASE: tl.constexpr, ELEM: tl.constexpr,
 def _digit_hist_kernel(xs_ptr, base_ptr, qmodel_ptr, prefix_ptr, hist_ptr, n, tiles_per_prog,
                        SHIFT: tl.constexpr, NBITS: tl.constexpr, HIGH_SHIFT: tl.constexpr,
                        HAS_PREFIX: tl.constexpr, HAS_BASE: tl.constexpr, ROUND16: tl.constexpr,
-                       BLK: tl.constexpr):
+                       ALIGNED: tl.constexpr, BLK: tl.constexpr):
     pid = tl.program_id(0)
     q = tl.program_id(1)
     ELEM: tl.constexpr = base_ptr.dtype.element_ty
     t = tl.load(qmodel_ptr + q)
-    x_ptr = tl.load(xs_ptr + t).to(tl.pointer_type(ELEM))
+    x_ptr = _model_ptr(xs_ptr, t, ELEM, ALIGNED)
     prefix = tl.load(prefix_ptr + q)
     NB: tl.constexpr = 1 << NBITS
     acc = tl.zeros([NB], dtype=tl.int32)
@@ -91,17 +108,19 @@ def _digit_hist_kernel(xs_ptr, base_ptr, qmodel_ptr, prefix_ptr, hist_ptr, n, ti
             m = m & ((key >> HIGH_SHIFT) == (prefix >> HIGH_SHIFT))
         digit = ((key >> SHIFT) & (NB - 1)).to(tl.int32)
         acc += tl.histogram(digit, NB, mask=m)
-    tl.atomic_add(hist_ptr + q * NB + tl.arange(0, NB), acc)
+    # per-program counts fit int32 (the launcher caps elements per program below 2**31); the global
+    # histogram is int64: one bin can hold more than 2**31 elements (e.g. 2**31 + 4096 zeros)
+    tl.atomic_add(hist_ptr + q * NB + tl.arange(0, NB), acc.to(tl.int64))
 
 
 @triton.jit
 def _tie_count_kernel(xs_ptr, base_ptr, qmodel_ptr, qkey_ptr, out_ptr, n, nblocks,
-                      HAS_BASE: tl.constexpr, ROUND16: tl.constexpr, BLK: tl.constexpr):
+                      HAS_BASE: tl.constexpr, ROUND16: tl.constexpr, ALIGNED: tl.constexpr, BLK: tl.constexpr):
     pid = tl.program_id(0)
     q = tl.program_id(1)
     ELEM: tl.constexpr = base_ptr.dtype.element_ty
     t = tl.load(qmodel_ptr + q)
-    x_ptr = tl.load(xs_ptr + t).to(tl.pointer_type(ELEM))
+    x_ptr = _model_ptr(xs_ptr, t, ELEM, ALIGNED)
     offs = pid.to(tl.int64) * BLK + tl.arange(0, BLK)
     m = offs < n
     key = _key(_delta(x_ptr, base_ptr, offs, m, HAS_BASE, ELEM, ROUND16), ELEM, ROUND16)
@@ -140,15 +159,15 @@ def _keep(d, key, offs, m, t, pid, kp_ptr, tie_ptr, density_ptr, seed_lo, seed_h
         return m | True
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "stream0"])  # any value, incl. 1 (see _SEEDS)
 def _stats_kernel(xs_ptr, base_ptr, kp_ptr, tie_ptr, density_ptr, out_ptr, n, nblocks, seed_lo, seed_hi, stream0,
                   NORM: tl.constexpr, MODE: tl.constexpr, HAS_TIES: tl.constexpr, HAS_BASE: tl.constexpr,
-                  ROUND16: tl.constexpr, BLK: tl.constexpr):
+                  ROUND16: tl.constexpr, ALIGNED: tl.constexpr, BLK: tl.constexpr):
     """Per block and model: (before, after) partial norms. NORM 1 = l1, 2 = l2 (sum of squares), 3 = linf."""
     pid = tl.program_id(0)
     t = tl.program_id(1)
     ELEM: tl.constexpr = base_ptr.dtype.element_ty
-    x_ptr = tl.load(xs_ptr + t).to(tl.pointer_type(ELEM))
+    x_ptr = _model_ptr(xs_ptr, t, ELEM, ALIGNED)
     blk_start = pid.to(tl.int64) * BLK
     offs = blk_start + tl.arange(0, BLK)
     m = offs < n
@@ -172,12 +191,13 @@ def _stats_kernel(xs_ptr, base_ptr, kp_ptr, tie_ptr, density_ptr, out_ptr, n, nb
     tl.store(row + 1, after)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "stream0"])  # any value, incl. 1 (see _SEEDS)
 def _merge_kernel(xs_ptr, base_ptr, out_ptr, kp_ptr, tie_ptr, density_ptr, weight_ptr, scale_ptr, flags_ptr,
                   n, nblocks, seed_lo, seed_hi, stream0, lam, divisor_nc,
                   K: tl.constexpr, MODE: tl.constexpr, HAS_TIES: tl.constexpr, CONSENSUS: tl.constexpr,
                   NORMALIZE: tl.constexpr, APPLY_LAMBDA: tl.constexpr, HAS_BASE: tl.constexpr,
-                  SPARSIFY_ONLY: tl.constexpr, ROUND16: tl.constexpr, BLK: tl.constexpr):
+                  SPARSIFY_ONLY: tl.constexpr, ROUND16: tl.constexpr, ALIGNED: tl.constexpr,
+                  BLK: tl.constexpr):
     """out = base + lambda * merge_t(w_t * rescale_t(mask_t(x_t - base))), mergekit's order of rounding.
 
     With SPARSIFY_ONLY (K == 1, no weights) it writes the sparsified delta itself.
@@ -200,7 +220,7 @@ def _merge_kernel(xs_ptr, base_ptr, out_ptr, kp_ptr, tie_ptr, density_ptr, weigh
     wpos = tl.zeros([BLK], dtype=tl.float32)      # sum of weights of positive weighted deltas
     wneg = tl.zeros([BLK], dtype=tl.float32)
     for t in range(K):
-        x_ptr = tl.load(xs_ptr + t).to(tl.pointer_type(ELEM))
+        x_ptr = _model_ptr(xs_ptr, t, ELEM, ALIGNED)
         x = tl.load(x_ptr + offs, mask=m, other=0).to(tl.float32)
         bad = tl.max(((x - x) != 0).to(tl.int32), axis=0)
         tl.store(flags_ptr + t, 1, mask=bad > 0)
@@ -237,7 +257,8 @@ def _merge_kernel(xs_ptr, base_ptr, out_ptr, kp_ptr, tie_ptr, density_ptr, weigh
             mixed = _round(total, ELEM, ROUND16)
             div = divisor_nc
         if NORMALIZE:
-            mixed = _round(mixed / div, ELEM, ROUND16)
+            # IEEE division (torch's): '/' compiles to the 2-ulp div.full.f32 on GPUs
+            mixed = _round(tl.math.div_rn(mixed, div), ELEM, ROUND16)
         if APPLY_LAMBDA:
             mixed = _round(mixed * lam, ELEM, ROUND16)
         tl.store(out_ptr + offs, _round(b + mixed, OUT, OUT != tl.float32).to(OUT), mask=m)

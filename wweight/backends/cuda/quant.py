@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..._ext import DTYPE_CODES, cuda_extension, dtype_code, ptr, stream
+from ..._ext import DTYPE_CODES, cuda_extension, dtype_code, on_tensor_device, ptr, stream
 from ...quant.outliers import outlier_indices
 from ...quant.scales import finalize, packed_bytes, reduce_partials
 from ...reference import quant as _ref
@@ -26,6 +26,7 @@ def _mask_u8(mask):
     return mask.view(torch.uint8) if mask is not None else None
 
 
+@on_tensor_device
 def block_stats(x, bs, symmetric, thr, mask):
     n = x.numel()
     nb = -(-n // bs)
@@ -39,6 +40,7 @@ def block_stats(x, bs, symmetric, thr, mask):
     return reduce_partials(pmin, pmax, nb, nchunks, symmetric)
 
 
+@on_tensor_device
 def quantize_fused(x, bs, bits, symmetric, thr, mask, clip, scale_dtype):
     n = x.numel()
     nb = -(-n // bs)
@@ -51,6 +53,7 @@ def quantize_fused(x, bs, bits, symmetric, thr, mask, clip, scale_dtype):
     return out, scale, zero
 
 
+@on_tensor_device
 def quantize_pack(x, bs, bits, scale, zero):
     n = x.numel()
     out = torch.empty(packed_bytes(n, bits), dtype=torch.uint8, device=x.device)
@@ -60,6 +63,7 @@ def quantize_pack(x, bs, bits, scale, zero):
     return out
 
 
+@on_tensor_device
 def quantize(x: torch.Tensor, mask: Optional[torch.Tensor], thr: float, bits: int, bs: int, symmetric: bool,
              clip: Optional[float], scale_dtype: torch.dtype, one_pass: Optional[bool] = None):
     """Flat contiguous ``x`` -> (codes, scale, zero or None, outlier flat indices int64).
@@ -75,6 +79,7 @@ def quantize(x: torch.Tensor, mask: Optional[torch.Tensor], thr: float, bits: in
     return quantize_pack(x, bs, bits, scale, zero), scale, zero, idx
 
 
+@on_tensor_device
 def dequantize(packed, scale, zero, n, dtype, bits, bs):
     out = torch.empty(n, dtype=dtype, device=packed.device)
     s32 = scale.float().contiguous()

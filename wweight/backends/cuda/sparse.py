@@ -11,12 +11,13 @@ import sys
 
 import torch
 
-from ..._ext import cuda_extension, dtype_code, ptr, ptrs, stream
+from ..._ext import cuda_extension, dtype_code, on_tensor_device, ptr, ptrs, stream
 from ...methods import EPSILON, GAMMA, get
 from ...reference import sparse as ref
 from ...sparse.plan import BLOCK, NORM_CODES, first, reduce_norm_partials, round16 as _round16
 
 
+@on_tensor_device
 def digit_hist(xs, base, qmodel, prefix, shift, nbits, high_shift, has_prefix):
     x0 = first(xs, base)
     out = torch.zeros((qmodel.numel(), 1 << nbits), dtype=torch.int64, device=x0.device)
@@ -27,6 +28,7 @@ def digit_hist(xs, base, qmodel, prefix, shift, nbits, high_shift, has_prefix):
     return out
 
 
+@on_tensor_device
 def tie_counts(xs, base, qmodel, qkey):
     x0 = first(xs, base)
     n = x0.numel()
@@ -37,6 +39,7 @@ def tie_counts(xs, base, qmodel, qkey):
     return out
 
 
+@on_tensor_device
 def rescale_stats(xs, base, plan, norm):
     x0 = first(xs, base)
     n = x0.numel()
@@ -48,6 +51,7 @@ def rescale_stats(xs, base, plan, norm):
     return reduce_norm_partials(part, norm)
 
 
+@on_tensor_device
 def merge(xs, base, out, plan, weights, scales, lam, divisor_nc, consensus, normalize, sparsify_only=False,
           round16=None):
     x0 = first(xs, base)

@@ -8,8 +8,13 @@ import torch
 import triton
 
 from ...kernels.iso import _task_vector_kernel
+from .launch import launch
 
 BLOCK = 1024
+
+
+def task_vector_grid(n: int):
+    return (triton.cdiv(n, BLOCK),)
 
 
 def task_vectors(base, finetuned, each, total, bad, dtype=None):
@@ -20,13 +25,12 @@ def task_vectors(base, finetuned, each, total, bad, dtype=None):
     total: (*shape) contiguous in the compute dtype (fp32/fp64); bad: (T,) int64.
     """
     n = base.numel()
-    grid = (triton.cdiv(n, BLOCK),)
+    grid = task_vector_grid(n)
     blocks = torch.empty((len(finetuned), grid[0]), dtype=torch.int32, device=base.device)
     acc = total if total is not None else (each[0] if each is not None else None)
     for t, ft in enumerate(finetuned):
         out = each[t] if each is not None else acc
-        _task_vector_kernel[grid](
-            ft, base, out, total if total is not None else out, blocks[t], n,
-            WRITE_OUT=each is not None, ACCUMULATE=total is not None, FIRST=t == 0, BLOCK=BLOCK,
-        )
+        launch(_task_vector_kernel, grid,
+               ft, base, out, total if total is not None else out, blocks[t], n,
+               WRITE_OUT=each is not None, ACCUMULATE=total is not None, FIRST=t == 0, BLOCK=BLOCK)
     bad.copy_(blocks.sum(dim=1))

@@ -14,6 +14,7 @@ import triton
 from ...kernels.quant import _dequant_kernel, _dq_matmul_kernel, _pack_kernel, _quant_fused_kernel, _stats_kernel
 from ...quant.outliers import outlier_indices
 from ...quant.scales import finalize, packed_bytes, reduce_partials
+from .launch import launch
 
 FUSED_MAX_BLOCK = 4096
 _SD_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
@@ -35,12 +36,32 @@ def quantize_fused(x: torch.Tensor, bs: int, bits: int, symmetric: bool, thr: fl
     scale = torch.empty(nb, dtype=scale_dtype, device=x.device)
     zero = None if symmetric else torch.empty(nb, dtype=scale_dtype, device=x.device)
     excl = thr != float("inf")
-    _quant_fused_kernel[(triton.cdiv(nb, rows),)](
+    launch(_quant_fused_kernel, fused_grid(nb, rows),
         x, mask if mask is not None else x, scale, zero if zero is not None else scale, out, n, bs, nb, ngroups,
         float(thr) if excl else 0.0, float(clip) if clip is not None else 1.0,
         BITS=bits, SYM=symmetric, HAS_MASK=mask is not None, EXCL=excl, HAS_CLIP=clip is not None,
-        SD=_SD_CODE[scale_dtype], ROWS=rows, GP=gp)
+        SD=_SD_CODE[scale_dtype], ROWS=rows, GP=gp, enable_fp_fusion=False)
     return out, scale, zero
+
+
+def fused_grid(nb: int, rows: int):
+    """One program per ``rows`` whole blocks."""
+    return (triton.cdiv(nb, rows),)
+
+
+def stats_grid(nb: int, bs: int):
+    """1-D grid of (row tile, column chunk) pairs of the statistics kernel (see ``_stats_kernel``)."""
+    rows, cols = _tile(bs)
+    return (triton.cdiv(nb, rows) * triton.cdiv(bs, cols),)
+
+
+def group_grid(ngroups: int):
+    """Pack / dequantize: one program per ``_G`` groups of 8 codes."""
+    return (triton.cdiv(ngroups, _G),)
+
+
+def matmul_grid(M: int, N: int, BM: int, BN: int):
+    return (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
 
 
 def _tile(bs: int):
@@ -58,10 +79,9 @@ def block_stats(x: torch.Tensor, bs: int, symmetric: bool, thr: float, mask: Opt
     pmin = torch.empty(nb * nchunks, device=x.device, dtype=torch.float32)
     pmax = torch.empty_like(pmin)
     excl = thr != float("inf")
-    grid = (triton.cdiv(nb, rows), nchunks)
-    _stats_kernel[grid](x, mask if mask is not None else x, pmin, pmax, n, bs, nb, nchunks,
-                        float(thr) if excl else 0.0,
-                        HAS_MASK=mask is not None, EXCL=excl, SYM=symmetric, ROWS=rows, COLS=cols)
+    launch(_stats_kernel, stats_grid(nb, bs), x, mask if mask is not None else x, pmin, pmax, n, bs, nb, nchunks,
+           float(thr) if excl else 0.0,
+           HAS_MASK=mask is not None, EXCL=excl, SYM=symmetric, ROWS=rows, COLS=cols, enable_fp_fusion=False)
     return reduce_partials(pmin, pmax, nb, nchunks, symmetric)
 
 
@@ -72,9 +92,8 @@ def quantize_pack(x: torch.Tensor, bs: int, bits: int, scale: torch.Tensor, zero
     n = x.numel()
     ngroups = -(-n // 8)
     out = torch.empty(packed_bytes(n, bits), dtype=torch.uint8, device=x.device)
-    _pack_kernel[(triton.cdiv(ngroups, _G),)](x, scale, zero if zero is not None else scale, out,
-                                              n, bs, ngroups, BITS=bits, SYM=zero is None, G=_G,
-                                              ALIGNED=bs % 8 == 0)
+    launch(_pack_kernel, group_grid(ngroups), x, scale, zero if zero is not None else scale, out,
+           n, bs, ngroups, BITS=bits, SYM=zero is None, G=_G, ALIGNED=bs % 8 == 0, enable_fp_fusion=False)
     return out
 
 
@@ -82,9 +101,8 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.T
                dtype: torch.dtype, bits: int, bs: int) -> torch.Tensor:
     out = torch.empty(n, dtype=dtype, device=packed.device)
     ngroups = -(-n // 8)
-    _dequant_kernel[(triton.cdiv(ngroups, _G),)](packed, scale, zero if zero is not None else scale, out,
-                                                 n, bs, ngroups, BITS=bits, SYM=zero is None, G=_G,
-                                                 ALIGNED=bs % 8 == 0)
+    launch(_dequant_kernel, group_grid(ngroups), packed, scale, zero if zero is not None else scale, out,
+           n, bs, ngroups, BITS=bits, SYM=zero is None, G=_G, ALIGNED=bs % 8 == 0, enable_fp_fusion=False)
     return out
 
 
@@ -95,10 +113,10 @@ def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     y = torch.empty(M, N, device=x.device, dtype=torch.float32)
     BM = 16 if M <= 16 else 64
     BN, BK = 64, 32
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
-    _dq_matmul_kernel[grid](x, packed, scale, zero if zero is not None else scale, y, M, N, K, bs, packed.numel(),
-                            x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-                            BITS=bits, SYM=zero is None, W_F32=x.dtype == torch.float32, BM=BM, BN=BN, BK=BK)
+    # no contraction: the unpacked tile must equal what dequantize returns (c * s, then + z)
+    launch(_dq_matmul_kernel, matmul_grid(M, N, BM, BN), x, packed, scale, zero if zero is not None else scale, y,
+           M, N, K, bs, packed.numel(), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+           BITS=bits, SYM=zero is None, W_F32=x.dtype == torch.float32, BM=BM, BN=BN, BK=BK, enable_fp_fusion=False)
     return y
 
 

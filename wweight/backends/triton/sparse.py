@@ -2,7 +2,9 @@
 
 Contract: ``wweight/backends/__init__.py``. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
 (how CI runs these kernels). Integer arguments are 64-bit; the merge and statistics kernels are
-compiled without FMA contraction (mergekit rounds products and sums separately).
+compiled without FMA contraction (mergekit rounds products and sums separately). Every launch goes
+through :func:`~wweight.backends.triton.launch.launch` (grid limits, the tensors' device); the grids
+are the pure functions ``*_grid`` so their limits are checked for any size without allocating.
 """
 from __future__ import annotations
 
@@ -12,23 +14,48 @@ import triton
 from ...kernels.sparse import _digit_hist_kernel, _merge_kernel, _stats_kernel, _tie_count_kernel
 from ..._ext import ptrs
 from ...sparse.plan import BLOCK, NORM_CODES, first, reduce_norm_partials, round16 as _round16
+from .launch import launch, program_target
 
 HIST_BLOCK = 1024      # elements per tile of the histogram kernel
+#: elements one histogram program may count: its per-bin counters are int32
+HIST_MAX_PER_PROGRAM = 2 ** 30
+_PTR_TABLES: dict = {}  # (device, addresses) -> int64 device table (its content is its key)
 
 
 def _ptr_table(xs):
-    return torch.tensor(ptrs(xs), dtype=torch.int64, device=xs[0].device)
+    """The K input addresses as an int64 tensor on their device, built once per address set (a
+    pageable host->device copy synchronises the host; the pinned, non-blocking one does not)."""
+    addrs = tuple(ptrs(xs))
+    dev = xs[0].device
+    key = (str(dev), addrs)
+    t = _PTR_TABLES.get(key)
+    if t is None:
+        host = torch.tensor(addrs, dtype=torch.int64)
+        t = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host
+        if len(_PTR_TABLES) >= 256:
+            _PTR_TABLES.clear()
+        _PTR_TABLES[key] = t
+    return t
 
 
-def _grid_programs(n, blk, device):
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = sms * 8
-    else:
-        target = 4  # interpreter: few, fat programs
-    tiles = triton.cdiv(n, blk)
+def aligned(*tensors) -> bool:
+    """All (non-None) tensors start on a 16-byte boundary: the kernels may then use 16-byte loads."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors if t is not None)
+
+
+def hist_grid(n: int, queries: int, target: int):
+    """(grid, tiles per program) of the histogram kernel: about ``target`` programs per query
+    (:func:`~wweight.backends.triton.launch.program_target`), each counting at most
+    :data:`HIST_MAX_PER_PROGRAM` elements."""
+    tiles = triton.cdiv(n, HIST_BLOCK)
     per = max(1, triton.cdiv(tiles, target))
-    return triton.cdiv(tiles, per), per
+    per = min(per, HIST_MAX_PER_PROGRAM // HIST_BLOCK)
+    return (triton.cdiv(tiles, per), queries), per
+
+
+def block_grid(n: int, rows: int = 1):
+    """Grid of the one-program-per-BLOCK kernels (tie counts, statistics, merge): (nblocks, rows)."""
+    return (triton.cdiv(n, BLOCK), rows)
 
 
 def digit_hist(xs, base, qmodel, prefix, shift, nbits, high_shift, has_prefix):
@@ -36,15 +63,18 @@ def digit_hist(xs, base, qmodel, prefix, shift, nbits, high_shift, has_prefix):
     ref = first(xs, base)
     n = ref.numel()
     Q = qmodel.numel()
-    hist = torch.zeros((Q, 1 << nbits), dtype=torch.int32, device=ref.device)
+    hist = torch.zeros((Q, 1 << nbits), dtype=torch.int64, device=ref.device)
     if n == 0 or Q == 0:
-        return hist.long()
-    progs, per = _grid_programs(n, HIST_BLOCK, ref.device)
-    _digit_hist_kernel[(progs, Q)](
-        _ptr_table(xs), ref, qmodel, prefix, hist, n, per,
-        SHIFT=shift, NBITS=nbits, HIGH_SHIFT=high_shift, HAS_PREFIX=has_prefix,
-        HAS_BASE=base is not None, ROUND16=_round16(ref.dtype), BLK=HIST_BLOCK)
-    return hist.long()
+        return hist
+    grid, per = hist_grid(n, Q, program_target(ref.device))
+    launch(_digit_hist_kernel, grid,
+           _ptr_table(xs), ref, qmodel, prefix, hist, n, per,
+           SHIFT=shift, NBITS=nbits, HIGH_SHIFT=high_shift, HAS_PREFIX=has_prefix,
+           HAS_BASE=base is not None, ROUND16=_round16(ref.dtype), ALIGNED=aligned(*xs, base), BLK=HIST_BLOCK,
+           # 8 warps: with 4, ptxas caps the 2048-bin (11-bit digit) histogram at 32 registers and
+           # spills (found by the ahead-of-time check, tests/test_triton_aot.py)
+           num_warps=8)
+    return hist
 
 
 def tie_counts(xs, base, qmodel, qkey):
@@ -55,8 +85,8 @@ def tie_counts(xs, base, qmodel, qkey):
     Q = qmodel.numel()
     out = torch.zeros((Q, nblocks), dtype=torch.int32, device=ref.device)
     if n and Q:
-        _tie_count_kernel[(nblocks, Q)](_ptr_table(xs), ref, qmodel, qkey, out, n, nblocks,
-                                        HAS_BASE=base is not None, ROUND16=_round16(ref.dtype), BLK=BLOCK)
+        launch(_tie_count_kernel, block_grid(n, Q), _ptr_table(xs), ref, qmodel, qkey, out, n, nblocks,
+               HAS_BASE=base is not None, ROUND16=_round16(ref.dtype), ALIGNED=aligned(*xs, base), BLK=BLOCK)
     return out.long()
 
 
@@ -68,10 +98,11 @@ def rescale_stats(xs, base, plan, norm):
     nblocks = triton.cdiv(n, BLOCK)
     part = torch.zeros((K, max(nblocks, 1), 2), dtype=torch.float32, device=ref.device)
     if n:
-        _stats_kernel[(nblocks, K)](
-            _ptr_table(xs), ref, plan.kp, plan.tie_offsets, plan.density, part, n, nblocks,
-            plan.seed_lo, plan.seed_hi, plan.stream0, NORM=NORM_CODES[norm], MODE=plan.mode, HAS_TIES=plan.has_ties,
-            HAS_BASE=base is not None, ROUND16=_round16(ref.dtype), BLK=BLOCK, enable_fp_fusion=False)
+        launch(_stats_kernel, block_grid(n, K),
+               _ptr_table(xs), ref, plan.kp, plan.tie_offsets, plan.density, part, n, nblocks,
+               plan.seed_lo, plan.seed_hi, plan.stream0, NORM=NORM_CODES[norm], MODE=plan.mode,
+               HAS_TIES=plan.has_ties, HAS_BASE=base is not None, ROUND16=_round16(ref.dtype),
+               ALIGNED=aligned(*xs, base), BLK=BLOCK, enable_fp_fusion=False)
     return reduce_norm_partials(part, norm)
 
 
@@ -84,12 +115,12 @@ def merge(xs, base, out, plan, weights, scales, lam, divisor_nc, consensus, norm
     if n == 0:
         return flags
     nblocks = triton.cdiv(n, BLOCK)
-    _merge_kernel[(nblocks,)](
-        _ptr_table(xs), ref, out, plan.kp, plan.tie_offsets, plan.density, weights, scales, flags,
-        n, nblocks, plan.seed_lo, plan.seed_hi, plan.stream0, float(lam), float(divisor_nc),
-        K=K, MODE=plan.mode, HAS_TIES=plan.has_ties, CONSENSUS=consensus, NORMALIZE=normalize,
-        APPLY_LAMBDA=lam != 1, HAS_BASE=base is not None, SPARSIFY_ONLY=sparsify_only,
-        ROUND16=_round16(ref.dtype, round16), BLK=BLOCK,
-        # no FMA contraction: mergekit rounds the product and the sum separately
-        enable_fp_fusion=False)
+    launch(_merge_kernel, block_grid(n),
+           _ptr_table(xs), ref, out, plan.kp, plan.tie_offsets, plan.density, weights, scales, flags,
+           n, nblocks, plan.seed_lo, plan.seed_hi, plan.stream0, float(lam), float(divisor_nc),
+           K=K, MODE=plan.mode, HAS_TIES=plan.has_ties, CONSENSUS=consensus, NORMALIZE=normalize,
+           APPLY_LAMBDA=lam != 1, HAS_BASE=base is not None, SPARSIFY_ONLY=sparsify_only,
+           ROUND16=_round16(ref.dtype, round16), ALIGNED=aligned(*xs, base, out), BLK=BLOCK,
+           # no FMA contraction: mergekit rounds the product and the sum separately
+           enable_fp_fusion=False)
     return flags
