@@ -82,8 +82,11 @@ def _kept(v, m_ptr, offs, valid, thr, HAS_MASK: tl.constexpr, EXCL: tl.constexpr
 def _stats_kernel(x_ptr, m_ptr, pmin_ptr, pmax_ptr, n, bs, nb, nchunks, thr,
                   HAS_MASK: tl.constexpr, EXCL: tl.constexpr, SYM: tl.constexpr,
                   ROWS: tl.constexpr, COLS: tl.constexpr):
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
+    # a 1-D grid over (row tile, chunk): grid.y is capped at 65,535, which nchunks (block_size =
+    # "tensor": n / 1024) or the row tiles (small blocks) would pass for large tensors
+    pid = tl.program_id(0).to(tl.int64)
+    pid_r = pid // nchunks
+    pid_c = pid - pid_r * nchunks
     rows = pid_r * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = pid_c * COLS + tl.arange(0, COLS).to(tl.int64)
     offs = rows[:, None] * bs + cols[None, :]

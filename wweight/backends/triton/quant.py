@@ -58,7 +58,7 @@ def block_stats(x: torch.Tensor, bs: int, symmetric: bool, thr: float, mask: Opt
     pmin = torch.empty(nb * nchunks, device=x.device, dtype=torch.float32)
     pmax = torch.empty_like(pmin)
     excl = thr != float("inf")
-    grid = (triton.cdiv(nb, rows), nchunks)
+    grid = (triton.cdiv(nb, rows) * nchunks,)  # 1-D: see _stats_kernel
     _stats_kernel[grid](x, mask if mask is not None else x, pmin, pmax, n, bs, nb, nchunks,
                         float(thr) if excl else 0.0,
                         HAS_MASK=mask is not None, EXCL=excl, SYM=symmetric, ROWS=rows, COLS=cols)
