@@ -169,10 +169,14 @@ def quantize(weight: torch.Tensor, bits: int = 4, block_size: Union[int, str, No
                                z, torch.zeros(0, dtype=torch.int32, device=x.device), weight.new_zeros(0),
                                weight.shape, weight.dtype, bits, bs, symmetric)
     be = _dispatch.resolve("quant_pack", x.device, backend, family="quant", has_cuda=x.dtype != torch.float64)
-    if be not in ("torch", "reference"):
-        # GPU min/max (fminf) drop NaNs, so check up front; the torch path's statistics propagate
-        # them instead, which makes the check below free there
-        _validate.tensor("weight", weight, finite=True)
+    if be == "triton":
+        # Triton's GPU min/max drop NaNs, so check up front, in one read-only pass (aminmax
+        # propagates NaN and shows +-Inf; isfinite().all() wrote and re-read a bool copy). The
+        # torch path's and the CUDA kernels' statistics propagate NaN into the block's scale
+        # (csrc/quant_elem.cuh, Stats), which makes the O(blocks) check below free there.
+        lo, hi = torch.aminmax(x)
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            _validate.tensor("weight", weight, finite=True)
     codes, scale, zero, idx = _quantize_op(x, mask, thr, bits, bs, symmetric, clip_v, sd, backend)
     val = x[idx]
 

@@ -103,13 +103,34 @@ def outlier_plan(w: torch.Tensor, outliers) -> Tuple[float, Optional[torch.Tenso
     return _fraction_thr(w, outliers), None
 
 
+def native_threshold(thr: float, dtype: torch.dtype) -> torch.Tensor:
+    """The smallest value t of ``dtype`` with t >= ``thr`` (a float32 number >= 0), as a 0-d tensor.
+
+    For x of ``dtype``, float32 ``|x| >= thr`` iff ``|x| >= t`` (float32(x) is exact), so the
+    outlier test runs on x itself instead of a float32 copy (which read 2 and wrote 4 bytes per
+    element of a 16-bit weight before the test even started)."""
+    thr = max(float(thr), 0.0)                             # |x| >= thr < 0 holds exactly as |x| >= 0
+    t = torch.tensor(thr, dtype=torch.float32).to(dtype)   # round to nearest (inf past the range)
+    if float(t) < thr:                                     # rounded down: step to the next value up
+        bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16}.get(dtype)
+        t = (t.view(bits) + 1).view(dtype) if bits is not None else torch.nextafter(t, t.new_tensor(math.inf))
+    return t
+
+
 def outlier_indices(x, thr, mask) -> torch.Tensor:
-    """Sorted flat indices of ``|x| >= thr`` or ``mask`` (int64)."""
+    """Sorted flat indices of float32 ``|x| >= thr`` or ``mask`` (int64): abs, compare and nonzero on
+    x's own dtype (one pass fewer for 16-bit weights, and half the bytes in the other two)."""
     if not math.isfinite(thr) and mask is None:
         return torch.zeros(0, dtype=torch.int64, device=x.device)
-    m = x.float().abs() >= thr if math.isfinite(thr) else torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    if mask is not None:
-        m |= mask
+    if math.isfinite(thr):
+        if x.dtype in (torch.float16, torch.bfloat16):
+            m = x.abs() >= native_threshold(thr, x.dtype).to(x.device)
+        else:  # float32: x.float() is x itself; float64 must round to float32 first, as the reference
+            m = x.float().abs() >= thr
+        if mask is not None:
+            m |= mask
+    else:
+        m = mask
     return torch.nonzero(m).view(-1)
 
 

@@ -18,6 +18,8 @@ from ...quant.outliers import outlier_indices
 from ...quant.scales import finalize, packed_bytes, reduce_partials
 from ...reference import quant as _ref
 
+#: a NaN among a block's kept elements makes its scale NaN (wweight.quantize relies on it, self-tested)
+NAN_PROPAGATES = True
 FUSED_MAX_BLOCK = 16384  # one warp per block: larger blocks go through the two-kernel path
 _FUSED_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -113,6 +115,16 @@ def selftest_quantize(device: torch.device, prims=None) -> bool:
             if not (torch.equal(c.cpu(), codes) and torch.equal(s.cpu(), scale) and torch.equal(i.cpu(), idx)
                     and (zero is None or torch.equal(z.cpu(), zero))):
                 return False
+    # NaN propagation: wweight.quantize skips its up-front finiteness pass on this backend because a
+    # NaN reaches its block's scale (as in the reference); check exactly that block turns non-finite
+    if not getattr(prims, "NAN_PROPAGATES", False):
+        return True  # Triton: wweight.quantize keeps its up-front check there
+    w = torch.randn(200, generator=torch.Generator().manual_seed(1))
+    w[70] = math.nan
+    for bs, one_pass in ((64, None), (64, False), (100, None)):
+        s = prims.quantize(w.to(device), None, math.inf, 4, bs, False, None, torch.float32, one_pass)[1].cpu()
+        if not torch.equal(torch.isfinite(s), torch.arange(s.numel()) != 70 // bs):
+            return False
     return True
 
 

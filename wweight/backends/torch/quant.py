@@ -29,6 +29,8 @@ from ...quant.scales import finalize, packed_bytes, zero_empty_blocks
 # elements per chunk: just below torch's parallel grain (32768) so ops never fork OpenMP threads,
 # and a multiple of 8 so that every chunk starts at a byte boundary of the packed bitstream.
 CHUNK = 32760
+#: amin/amax propagate NaN into the block's scale (see wweight.quantize's finiteness check)
+NAN_PROPAGATES = True
 
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
