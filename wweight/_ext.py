@@ -72,3 +72,16 @@ def ptrs(xs) -> list:
 def stream(t: torch.Tensor) -> int:
     """The raw handle of torch's current stream on ``t``'s device (kernels are ordered with torch's)."""
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def device_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host-built table (a list, or a CPU tensor) as a tensor on ``device``, without a host sync.
+
+    On CUDA the values go through pinned memory and a non-blocking copy on the current stream (torch's
+    caching host allocator keeps the pinned block until the copy is done); a pageable
+    ``torch.tensor(values, device=cuda)`` would wait for the stream. On the CPU it is the plain tensor.
+    """
+    t = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

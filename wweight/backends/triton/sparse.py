@@ -10,14 +10,14 @@ import torch
 import triton
 
 from ...kernels.sparse import _digit_hist_kernel, _merge_kernel, _stats_kernel, _tie_count_kernel
-from ..._ext import ptrs
+from ..._ext import device_tensor, ptrs
 from ...sparse.plan import BLOCK, NORM_CODES, first, reduce_norm_partials, round16 as _round16
 
 HIST_BLOCK = 1024      # elements per tile of the histogram kernel
 
 
 def _ptr_table(xs):
-    return torch.tensor(ptrs(xs), dtype=torch.int64, device=xs[0].device)
+    return device_tensor(ptrs(xs), torch.int64, xs[0].device)
 
 
 def _grid_programs(n, blk, device):
