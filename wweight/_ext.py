@@ -127,7 +127,7 @@ def on_tensor_device(fn):
 
     CUDA kernels launch on the *current* device while the stream, allocations and pointers come
     from the tensors' device: a tensor on ``cuda:1`` with ``cuda:0`` current is an invalid-handle
-    error or an illegal address. Every CUDA-glue primitive is wrapped (``tests/test_device_guard.py``).
+    error or an illegal address. Every CUDA-glue primitive is wrapped (``tests/test_gpu_path.py``).
     """
     @functools.wraps(fn)
     def guarded(*args, **kwargs):
@@ -139,3 +139,16 @@ def on_tensor_device(fn):
 
     guarded.device_guarded = True
     return guarded
+
+
+def device_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host-built table (a list, or a CPU tensor) as a tensor on ``device``, without a host sync.
+
+    On CUDA the values go through pinned memory and a non-blocking copy on the current stream (torch's
+    caching host allocator keeps the pinned block until the copy is done); a pageable
+    ``torch.tensor(values, device=cuda)`` would wait for the stream. On the CPU it is the plain tensor.
+    """
+    t = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)

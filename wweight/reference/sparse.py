@@ -32,6 +32,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._ext import device_tensor
 from ..methods import EPSILON, GAMMA, TA_METHODS  # TA_METHODS: name -> (consensus, sparsification, normalize, rescale)
 from .philox import philox_uniform
 
@@ -209,9 +210,10 @@ def linear_ref(tensors: Sequence[torch.Tensor], weights: Sequence[float], normal
     first = tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     w = torch.tensor(list(weights), dtype=dtype)
+    wd = device_tensor(torch.cat([w, w.sum().reshape(1)]), dtype, first.device)  # weights, then their host sum
     result = torch.zeros_like(first, dtype=dtype)
-    for t, c in zip(tensors, w):
-        result.addcmul_(t.to(dtype), c.to(first.device))
+    for i, t in enumerate(tensors):
+        result.addcmul_(t.to(dtype), wd[i])
     if normalize:
-        result.div_(w.sum().to(first.device))
+        result.div_(wd[-1])
     return result.to(first.dtype)

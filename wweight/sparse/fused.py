@@ -13,13 +13,14 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .._ext import device_tensor
 from .plan import build_plan, key_to_value, radix_select, rescale_factors, work_dtype
 
 
 def raise_on_flags(flags: torch.Tensor, names: Sequence[str]) -> None:
-    """The fused pass flags inputs holding NaN/Inf; raise naming them."""
-    if flags.numel() and bool(flags.any()):
-        bad = [names[i] for i in torch.nonzero(flags).flatten().tolist()]
+    """The fused pass flags inputs holding NaN/Inf; raise naming them (one read of the flags)."""
+    bad = [name for name, f in zip(names, flags.tolist()) if f] if flags.numel() else []
+    if bad:
         raise ValueError(f"{', '.join(bad)} contain(s) NaN or Inf; wweight refuses non-finite weights")
 
 
@@ -52,7 +53,7 @@ def linear(prims, tensors: List[torch.Tensor], weights: List[float], normalize: 
     """mergekit's ``linear`` merge: fp32 weighted sum (/ the fp32 sum of the weights)."""
     K = len(tensors)
     plan = build_plan(prims, tensors, None, None, [1.0] * K, [0.0] * K, 0)
-    w = torch.tensor(weights, dtype=torch.float32, device=tensors[0].device)
+    w = device_tensor(weights, torch.float32, tensors[0].device)
     # mergekit divides by the float32 sum of the float32 weights
     div = float(torch.tensor(weights, dtype=torch.float32).sum()) if normalize else 1.0
     out = torch.empty_like(tensors[0])
@@ -78,7 +79,7 @@ def task_arithmetic(prims, consensus: Optional[str], sparsification: Optional[st
     div = w_dt.sum()
     div_nc = 1.0 if float(div.abs()) < 1e-8 else float(div)
     out = torch.empty_like(base)
-    flags = prims.merge(tensors, base, out, plan, w_dt.float().to(base.device), scales, lambda_, div_nc,
-                        consensus is not None, normalize)
+    w = device_tensor(w_dt.float(), torch.float32, base.device)
+    flags = prims.merge(tensors, base, out, plan, w, scales, lambda_, div_nc, consensus is not None, normalize)
     raise_on_flags(flags, input_names(K))
     return out

@@ -65,7 +65,8 @@ def _merge_impl(method: str, base: Optional[torch.Tensor], tensors: List[torch.T
     if not m.needs_base:  # linear
         if name in ("reference", "torch"):
             out = ref.linear_ref(tensors, weights, normalize)
-            if not all(bool(torch.isfinite(t).all()) for t in tensors if t.numel()):
+            finite = [torch.isfinite(t).all() for t in tensors if t.numel()]
+            if finite and not bool(torch.stack(finite).all()):   # one read for all inputs
                 raise ValueError("tensors contain NaN or Inf; wweight refuses non-finite weights")
             return out
         return fused.linear(primitives(name), tensors, weights, normalize)

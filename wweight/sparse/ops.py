@@ -75,8 +75,12 @@ def key_seed(seed: int, key: str) -> int:
 
 def check_finite(tensors, names) -> None:
     """For the paths without a fused finiteness check (reference, DELLA): refuse NaN/Inf by name."""
-    for t, name in zip(tensors, names):
-        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+    named = [(t, name) for t, name in zip(tensors, names) if t is not None and t.numel()]
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for t, _ in named]).tolist()   # one read for all inputs
+    for (_, name), ok in zip(named, finite):
+        if not ok:
             raise ValueError(f"{name} contains NaN or Inf; wweight refuses non-finite weights")
 
 

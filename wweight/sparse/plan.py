@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .._ext import device_tensor
+
 # The kernels read these: wweight/kernels/sparse.py imports them, csrc/sparse_elem.h mirrors them
 # (kBlock, Mode) and tests/test_layout.py checks the compiled values.
 BLOCK = 1024              # elements per block of the merge / tie kernels (tie offsets are per block)
@@ -121,17 +123,18 @@ def build_plan(prims, xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], 
                density: Sequence[float], gamma: Sequence[float], seed: int, stream0: int = 0) -> MaskPlan:
     ref = first(xs, base)
     dev, dtype, n, K = ref.device, ref.dtype, ref.numel(), len(xs)
-    dens_t = torch.tensor([float(d) for d in density], dtype=torch.float32, device=dev)
     dummy = torch.zeros(1, dtype=torch.int64, device=dev)
     seed &= (1 << 64) - 1
     slo, shi = seed & 0xFFFFFFFF, seed >> 32
-    if method is None:
-        return MaskPlan(MODE_NONE, torch.zeros((K, 6), dtype=torch.int64, device=dev), dummy, False, dens_t)
+    # every small table below is built on the host and copied without a sync (device_tensor)
     if method == "random":
         # mergekit's keep probability is density rounded to the work dtype
-        dens_t = torch.tensor([float(d) for d in density], dtype=work_dtype(dtype, "random"), device=dev).float()
+        dens_t = device_tensor([float(d) for d in density], work_dtype(dtype, "random"), dev).float()
         return MaskPlan(MODE_RANDOM, torch.zeros((K, 6), dtype=torch.int64, device=dev), dummy, False,
                         dens_t, slo, shi, stream0)
+    dens_t = device_tensor([float(d) for d in density], torch.float32, dev)
+    if method is None:
+        return MaskPlan(MODE_NONE, torch.zeros((K, 6), dtype=torch.int64, device=dev), dummy, False, dens_t)
     if method not in ("magnitude", "magnitude_outliers"):
         raise ValueError(f"method {method!r} has no fused plan")
 
@@ -164,10 +167,9 @@ def build_plan(prims, xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], 
             queries.append((t, 1, n - n_bot - target + 1))    # value at ascending position n_bot+target-1
     need = []                                             # (t, cut, key) needing tie ranks
     if queries:
-        qm = torch.tensor([q[0] for q in queries], dtype=torch.int64, device=dev)
-        ks = torch.tensor([q[2] for q in queries], dtype=torch.int64, device=dev)
-        keys, gts, eqs = radix_select(prims, xs, base, qm, ks, dtype)
-        keys, gts, eqs = keys.tolist(), gts.tolist(), eqs.tolist()   # the plan's one host sync
+        qm = device_tensor([q[0] for q in queries], torch.int64, dev)
+        ks = device_tensor([q[2] for q in queries], torch.int64, dev)
+        keys, gts, eqs = torch.stack(radix_select(prims, xs, base, qm, ks, dtype)).tolist()  # the plan's one sync
         for (t, cut, k), key, gt, eq in zip(queries, keys, gts, eqs):
             s = spec[t]
             if s[0] == "mag":
@@ -181,12 +183,12 @@ def build_plan(prims, xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], 
                 kp[t][2 + 2 * cut: 4 + 2 * cut] = [a, b]
             if r:
                 need.append((t, cut, key))
-    kp_t = torch.tensor(kp, dtype=torch.int64, device=dev)
+    kp_t = device_tensor(kp, torch.int64, dev)
     if not need:
         return MaskPlan(MODE_WINDOW, kp_t, dummy, False, dens_t)
     nblocks = (n + BLOCK - 1) // BLOCK
-    qm = torch.tensor([t for t, _, _ in need], dtype=torch.int64, device=dev)
-    qk = torch.tensor([k for _, _, k in need], dtype=torch.int64, device=dev)
+    qm = device_tensor([t for t, _, _ in need], torch.int64, dev)
+    qk = device_tensor([k for _, _, k in need], torch.int64, dev)
     counts = prims.tie_counts(xs, base, qm, qk)                       # (Q', nblocks)
     excl = torch.cumsum(counts, dim=1) - counts
     offs = torch.zeros((K, 2, nblocks), dtype=torch.int64, device=dev)
@@ -210,8 +212,7 @@ def rescale_factors(prims, xs, base, plan: MaskPlan, norm: Optional[str], densit
     if norm is None:
         return torch.ones(K, dtype=torch.float32, device=dev)
     if norm == "density":
-        return torch.tensor([1.0 / float(d) if d < 1 else 1.0 for d in density], dtype=wdtype,
-                            device=dev).float()
+        return device_tensor([1.0 / float(d) if d < 1 else 1.0 for d in density], wdtype, dev).float()
     st = prims.rescale_stats(xs, base, plan, norm)                   # (K, 2) float64
     if norm == "l2":
         st = st.sqrt()
@@ -220,5 +221,5 @@ def rescale_factors(prims, xs, base, plan: MaskPlan, norm: Optional[str], densit
     ratio = (before / after).float()
     ok = (before.float() >= EPS) & (after.float() >= EPS)
     # density >= 1 returns the tensor untouched in mergekit (no rescale at all)
-    full = torch.tensor([float(d) >= 1 for d in density], device=dev)
+    full = device_tensor([float(d) >= 1 for d in density], torch.bool, dev)
     return torch.where(ok & ~full, ratio, torch.ones_like(ratio))

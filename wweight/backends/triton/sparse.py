@@ -12,7 +12,7 @@ import torch
 import triton
 
 from ...kernels.sparse import _digit_hist_kernel, _merge_kernel, _stats_kernel, _tie_count_kernel
-from ..._ext import ptrs
+from ..._ext import device_tensor, ptrs
 from ...sparse.plan import BLOCK, NORM_CODES, first, reduce_norm_partials, round16 as _round16
 from .launch import launch, program_target
 
@@ -30,8 +30,7 @@ def _ptr_table(xs):
     key = (str(dev), addrs)
     t = _PTR_TABLES.get(key)
     if t is None:
-        host = torch.tensor(addrs, dtype=torch.int64)
-        t = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host
+        t = device_tensor(addrs, torch.int64, dev)
         if len(_PTR_TABLES) >= 256:
             _PTR_TABLES.clear()
         _PTR_TABLES[key] = t
