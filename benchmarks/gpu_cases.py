@@ -125,7 +125,8 @@ class Recorder:
             ok, detail = fn()
         except Exception as e:  # a raise is a failure of that check, not of the step
             ok, detail = False, f"raised {type(e).__name__}: {e}"[:500]
-            traceback.print_exc()
+            if self.failed < 5:  # the first tracebacks only: the log stays small when everything fails
+                traceback.print_exc()
         self.failed += not ok
         rec = {"check": name, "backend": backend, "ok": bool(ok), "detail": detail, "s": round(time.perf_counter() - t0, 3)}
         if not ok:
@@ -148,6 +149,12 @@ def _case(shape, dtype, K, seed):
             f[::7] = f[1]
             f[2::11] = base.reshape(-1)[2::11]
     return base, ts
+
+
+def cached(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn()`` computed on first call (inside a check, so a raising reference fails that check only)."""
+    box = []
+    return lambda: box[0] if box else (box.append(fn()) or box[0])
 
 
 def to_view(t: torch.Tensor, dev, kind: str) -> torch.Tensor:
@@ -176,18 +183,18 @@ def check_sparse(rec: Recorder, be: str, dev, shapes=SHAPES, dtypes=tuple(DT), v
                 rec.check(f"kth_largest_abs {dn} {shape} k={k}", be, lambda: compare(
                     wweight.kth_largest_abs(x.to(dev), k, backend=be), ref.kth_largest_abs_ref(x, k)))
             for method, norm in SPARSIFY:
-                want = ref.sparsify_ref(x, 0.3, method, rescale_norm=norm, seed=i)
                 tol = (1e-6, 1e-6) if norm == "l1" and dt == torch.float32 else None
                 rec.check(f"sparsify {method} norm={norm} {dn} {shape}", be, lambda: compare(
-                    wweight.sparsify(x.to(dev), 0.3, method, rescale_norm=norm, seed=i, backend=be), want, tol))
+                    wweight.sparsify(x.to(dev), 0.3, method, rescale_norm=norm, seed=i, backend=be),
+                    ref.sparsify_ref(x, 0.3, method, rescale_norm=norm, seed=i), tol))
             for method in MERGES:
                 kw = dict(weights=[1.0, 0.5, -0.4], seed=i) if method == "linear" else dict(
-                    weights=[1.0, 0.5, -0.4], density=[0.3, 0.5, 0.9], seed=i, epsilon=0.1)
-                want = wweight.merge_tensors(method, base, ts, backend="reference", **kw)
+                    weights=[1.0, 0.5, -0.4], density=[0.3, 0.5, 0.8], seed=i, epsilon=0.1)
+                want = cached(lambda: wweight.merge_tensors(method, base, ts, backend="reference", **kw))
                 for view in [v for v in views if v != "transposed" or len(shape) == 2]:
                     rec.check(f"merge {method} {dn} {shape} {view}", be, lambda: compare(
                         wweight.merge_tensors(method, to_view(base, dev, view), [to_view(t, dev, view) for t in ts],
-                                              backend=be, **kw), want, merge_tolerance(method, dt)))
+                                              backend=be, **kw), want(), merge_tolerance(method, dt)))
         for shape in EMPTY:
             e = torch.empty(shape, dtype=dt)
             rec.check(f"empty merge ties {dn} {shape}", be, lambda: compare(
@@ -216,40 +223,41 @@ def check_quant(rec: Recorder, be: str, dev, shapes=QUANT_SHAPES, dtypes=tuple(D
             w = torch.randn(shape, generator=torch.Generator().manual_seed(si)).to(DT[dn])
             w.reshape(-1)[3] = 20.0
             for bits, bs, sym, out in QUANT:
-                r = wweight.quantize(w, bits, bs, symmetric=sym, outliers=out, backend="reference")
-                rd = wweight.dequantize(r, backend="reference")
+                r = cached(lambda: wweight.quantize(w, bits, bs, symmetric=sym, outliers=out, backend="reference"))
+                rd = cached(lambda: wweight.dequantize(r(), backend="reference"))
+                name = f"quant {bits}b block={bs} sym={sym} outliers={out} {dn} {shape}"
                 for view in ("contig", "offset"):
-                    name = f"quant {bits}b block={bs} sym={sym} outliers={out} {dn} {shape} {view}"
                     q = {}
 
                     def run_q():
                         q["q"] = wweight.quantize(to_view(w, dev, view), bits, bs, symmetric=sym, outliers=out, backend=be)
-                        return _quant_same(q["q"], r)
-                    if rec.check("quantize " + name, be, run_q):
-                        rec.check("dequantize " + name, be, lambda: compare(wweight.dequantize(q["q"], backend=be), rd))
+                        return _quant_same(q["q"], r())
+                    if rec.check(f"quantize {name} {view}", be, run_q):
+                        rec.check(f"dequantize {name} {view}", be, lambda: compare(
+                            wweight.dequantize(q["q"], backend=be), rd()))
                 if matmul:
                     x = torch.randn(3, shape[-1], generator=torch.Generator().manual_seed(9)).to(DT[dn])
-                    want = (x.float() @ rd.float().t()).to(DT[dn])
                     tol = (1e-4, 1e-4) if dn == "fp32" else (3e-2, 3e-2)
                     rec.check("dequant_matmul " + name, be, lambda: compare(
-                        wweight.dequant_matmul(x.to(dev), r.to(dev), backend=be), want, tol))
+                        wweight.dequant_matmul(x.to(dev), r().to(dev), backend=be),
+                        (x.float() @ rd().float().t()).to(DT[dn]), tol))
 
 
-def check_iso_permute(rec: Recorder, dev):
+def check_iso_permute(rec: Recorder, dev, shapes=ISO_SHAPES, dtypes=("fp32", "bf16")):
     import numpy as np
     import wweight
     from scipy.optimize import linear_sum_assignment as sp_lsa
 
-    for dn in ("fp32", "bf16"):
-        for si, shape in enumerate(ISO_SHAPES):
+    for dn in dtypes:
+        for si, shape in enumerate(shapes):
             base, ts = _case(shape, DT[dn], 3, 20 + si)
             for m in ISO:
-                want = wweight.merge_tensors(m, base, ts, backend="reference")
+                want = cached(lambda: wweight.merge_tensors(m, base, ts, backend="reference"))
                 bd, tsd = base.to(dev), [t.to(dev) for t in ts]
                 rec.check(f"{m} {dn} {shape} vs torch", "triton", lambda: compare(
                     wweight.merge_tensors(m, bd, tsd, backend="triton"), wweight.merge_tensors(m, bd, tsd, backend="torch")))
                 rec.check(f"{m} {dn} {shape} vs reference", "triton", lambda: compare(
-                    wweight.merge_tensors(m, bd, tsd, backend="triton"), want, (1e-3, 1e-3) if dn == "fp32" else (2e-2, 2e-2)))
+                    wweight.merge_tensors(m, bd, tsd, backend="triton"), want(), (1e-3, 1e-3) if dn == "fp32" else (2e-2, 2e-2)))
     g = torch.Generator().manual_seed(5)
     for shape in [(8, 64, 64), (50, 70), (1, 1)]:
         cost = torch.randn(shape, generator=g)
@@ -275,49 +283,53 @@ def check_selftests(rec: Recorder, dev):
     for fam in ("sparse", "quant"):
         for op, fn in _dispatch.backend_module(fam, "cuda").SELFTESTS.items():
             rec.check(f"selftest {fam}.{op}", "cuda", lambda: (bool(fn(dev)), "SELFTESTS against the reference"))
-    b = torch.randn(4097, device=dev)
+    b = cached(lambda: torch.randn(4097, device=dev))
     rec.check("auto dispatch picks cuda (strict)", "auto", lambda: (
         _dispatch.resolve("sparse_merge", dev, "auto", family="sparse", has_cpu=True) == "cuda"
-        and wweight.merge_tensors("ties", b, [b + 1, b - 1], density=0.3) is not None
+        and wweight.merge_tensors("ties", b(), [b() + 1, b() - 1], density=0.3) is not None
         and all(_dispatch._selftest_results.values()), f"self-test results {_dispatch._selftest_results}"))
 
 
-def check_big(rec: Recorder, be: str, dev):
+def check_big(rec: Recorder, be: str, dev, n: int = BIG_N, quant_be: Optional[str] = None):
+    """bf16 tensor of ``n`` elements; ``h = n - 4097`` (2**31 for BIG_N) is the index the values straddle."""
     import wweight
     from wweight.reference import quant as RQ
 
-    free = torch.cuda.mem_get_info(dev)[0]
-    need = 7 * BIG_N * 2
-    if free < need:
-        rec.note(f"> 2**31 check skipped on {be}: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed")
-        return
-    x = torch.zeros(BIG_N, dtype=torch.bfloat16, device=dev)
-    idx = torch.tensor(BIG_IDX, device=dev)
+    h, quant_be = n - 4097, quant_be or be
+    if torch.device(dev).type == "cuda":
+        free, need = torch.cuda.mem_get_info(dev)[0], 7 * n * 2
+        if free < need:
+            rec.note(f"> 2**31 check skipped on {be}: {free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB needed")
+            return
+    x = torch.zeros(n, dtype=torch.bfloat16, device=dev)
+    idx = torch.tensor([5, h - 1, h, h + 7, n - 1], device=dev)
     x[idx] = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0], dtype=torch.bfloat16, device=dev)
     keep = torch.tensor([0.0, 0.0, 3.0, -4.0, 5.0])
-    rec.check(f"big kth_largest_abs n={BIG_N}", be, lambda: (wweight.kth_largest_abs(x, 2, backend=be).item() == 4.0, "k=2 -> 4"))
+    rec.check(f"big kth_largest_abs n={n}", be, lambda: (wweight.kth_largest_abs(x, 2, backend=be).item() == 4.0, "k=2 -> 4"))
+
     def kept(y):
         return bool(torch.equal(y[idx].float().cpu(), keep) and int(torch.count_nonzero(y)) == 3), f"{y[idx].tolist()}"
-    rec.check(f"big sparsify magnitude n={BIG_N}", be, lambda: kept(wweight.sparsify(x, 3.5 / BIG_N, backend=be)))
+    rec.check(f"big sparsify magnitude n={n}", be, lambda: kept(wweight.sparsify(x, 3.5 / n, backend=be)))
     base = torch.zeros_like(x)
-    rec.check(f"big merge ties K=2 n={BIG_N}", be, lambda: kept(wweight.merge_tensors(
-        "ties", base, [x, x], density=3.5 / BIG_N, backend=be)))
+    rec.check(f"big merge ties K=2 n={n}", be, lambda: kept(wweight.merge_tensors(
+        "ties", base, [x, x], density=3.5 / n, backend=be)))
     del base
-    torch.cuda.empty_cache()
     x.normal_(generator=torch.Generator(device=dev).manual_seed(0))
-    def quant():  # blocks of 64 are independent: slices across 2**31 and the 1-element tail vs the reference
-        q = wweight.quantize(x, 4, 64, backend=be)
-        d = wweight.dequantize(q, backend=be)
-        for lo, hi in ((0, 256), (2 ** 31 - 256, 2 ** 31 + 256), (BIG_N - 4097, BIG_N)):
+
+    def quant():  # blocks of 64 are independent: slices across h and the 1-element tail block vs the reference
+        q = wweight.quantize(x, 4, 64, backend=quant_be)
+        d = wweight.dequantize(q, backend=quant_be)
+        for lo, hi in ((0, 256), (h - 256, h + 256), (h, n)):
             c, s, z, _, _ = RQ.quantize(x[lo:hi].cpu(), 4, 64)
-            same = [torch.equal(q.codes[lo // 2:(hi + 1) // 2].cpu(), c), torch.equal(q.scale[lo // 64:-(-hi // 64)].cpu(), s),
+            same = [torch.equal(q.codes[lo // 2:lo // 2 + c.numel()].cpu(), c),  # lo: a multiple of 8 codes
+                    torch.equal(q.scale[lo // 64:-(-hi // 64)].cpu(), s),
                     torch.equal(q.zero[lo // 64:-(-hi // 64)].cpu(), z),
                     torch.equal(d[lo:hi].cpu(), RQ.dequantize(c, s, z, torch.zeros(0, dtype=torch.long), torch.zeros(0),
                                                             (hi - lo,), torch.bfloat16, 4, 64))]
             if not all(same):
                 return False, f"slice [{lo}, {hi}): codes/scale/zero/dequant equal = {same}"
         return True, "3 slices identical to the reference"
-    rec.check(f"big quantize+dequantize 4b/64 n={BIG_N}", be, quant)
+    rec.check(f"big quantize+dequantize 4b/64 n={n}", quant_be, quant)
 
 
 def check_sanitize_subset(rec: Recorder, dev):
@@ -335,28 +347,23 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     rec, dev = Recorder(a.jsonl), torch.device(a.device)
     torch.manual_seed(0)
-    if a.step == "check-cuda":
-        check_selftests(rec, dev)
-        check_sparse(rec, "cuda", dev)
-        check_quant(rec, "cuda", dev)
-    elif a.step == "check-triton":
-        check_sparse(rec, "triton", dev)
-        check_quant(rec, "triton", dev, matmul=True)
-        check_iso_permute(rec, dev)
-    elif a.step == "big":
-        for be in ("cuda", "triton"):
-            check_big(rec, be, dev)
+    both = ("cuda", "triton")
+    parts = {
+        "check-cuda": [lambda: check_selftests(rec, dev), lambda: check_sparse(rec, "cuda", dev),
+                       lambda: check_quant(rec, "cuda", dev)],
+        "check-triton": [lambda: check_sparse(rec, "triton", dev), lambda: check_quant(rec, "triton", dev, matmul=True),
+                         lambda: check_iso_permute(rec, dev)],
+        "big": [lambda be=be: check_big(rec, be, dev) for be in both],
+        "multi-gpu": [lambda be=be: check_sparse(rec, be, dev, shapes=[(4097,), (37, 29)], dtypes=("bf16",),
+                                                 views=("offset",)) for be in both]
+        + [lambda be=be: check_quant(rec, be, dev, shapes=[(24, 61)], dtypes=("fp32",)) for be in both],
+        "sanitize": [lambda: check_sanitize_subset(rec, dev)],
+        "bench": [lambda: __import__("benchmarks.gpu_bench", fromlist=["run_bench"]).run_bench(rec, dev)],
+    }[a.step]
+    for i, part in enumerate(parts):  # an error outside any check fails this part only
+        rec.check(f"{a.step} part {i} ran to the end", "-", lambda: (part() is None, "ok"))
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    elif a.step == "multi-gpu":
-        for be in ("cuda", "triton"):
-            check_sparse(rec, be, dev, shapes=[(4097,), (37, 29)], dtypes=("bf16",), views=("offset",))
-            check_quant(rec, be, dev, shapes=[(24, 61)], dtypes=("fp32",))
-    elif a.step == "sanitize":
-        check_sanitize_subset(rec, dev)
-    else:
-        from .gpu_bench import run_bench
-
-        run_bench(rec, dev)
     print(f"{a.step}: {rec.failed} failed", flush=True)
     return 1 if rec.failed else 0
 

@@ -6,7 +6,7 @@ only; every CUDA and every Triton kernel of every op family against ``wweight.re
 ``WWEIGHT_STRICT=1`` and the backend forced (odd sizes, empty tensors, offset and transposed views);
 one > 2**31-element bf16 tensor; a second GPU when present; ``compute-sanitizer`` memcheck and racecheck
 on a small subset; a smoke benchmark (GB/s, % of the copy bandwidth measured in the same run, host syncs
-per call). Writes ``gpu_check_<device-slug>.{json,md}`` under ``--out`` (default benchmarks/results).
+per call). Writes ``gpu_check_<device-slug>.{json,md,log}`` under ``--out`` (default benchmarks/results).
 Without a GPU (or with ``--plan``) it prints the plan and exits 0. The checks are benchmarks/gpu_cases.py.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -63,6 +64,13 @@ def sanitizer_errors(text: str) -> Optional[int]:
     found = [int(m) for m in re.findall(r"ERROR SUMMARY:\s*(\d+)\s+error", text)]
     found += [int(m) for m in re.findall(r"RACECHECK SUMMARY:.*?\((\d+)\s+errors?", text)]
     return sum(found) if found else None
+
+
+def sanitizer_unsupported(text: str) -> Optional[str]:
+    """The line where compute-sanitizer says it cannot run on this machine (e.g. under gVisor), else None."""
+    m = re.search(r"^.*(Device not supported|not supported on this (platform|system)|Unable to find injection).*$",
+                  text, flags=re.M | re.I)
+    return m.group(0).strip() if m else None
 
 
 def step_timeout(want: float, deadline: float, now: float, floor: float = 15.0) -> Optional[float]:
@@ -116,8 +124,7 @@ def print_plan(steps, gpu) -> None:
     print(f"    kth_largest_abs k in {{1, n//3+1, n}}; sparsify {C.SPARSIFY}; merges {C.MERGES} (K=3)")
     print(f"    quant (bits, block, symmetric, outliers) {C.QUANT} on {C.QUANT_SHAPES}")
     print(f"    iso {C.ISO} on {C.ISO_SHAPES} (triton == torch, ~ reference)")
-    where = "under --out" if gpu is None else ""
-    print(f"  results: gpu_check_<device-slug>.json and .md {where}; exit 1 on any mismatch or failed step")
+    print("  results: <--out>/gpu_check_<device-slug>.{json,md,log}; exit 1 on any mismatch or failed/unrun step")
 
 
 # --------------------------------------------------------------------------------------- running
@@ -187,14 +194,12 @@ def gpu_info() -> Optional[dict]:
         return None
 
 
-def run_step(name: str, timeout: float, out: str, gpu: dict, sanitizer: Optional[str]) -> dict:
+def run_step(name: str, timeout: float, work: str, gpu: dict, sanitizer: Optional[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), WWEIGHT_STRICT="1",
                PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
     env.pop("WWEIGHT_BACKEND", None)
-    log, jsonl = os.path.join(out, "logs", f"{name}.log"), os.path.join(out, "logs", f"{name}.jsonl")
-    if os.path.exists(jsonl):
-        os.remove(jsonl)
+    log, jsonl = os.path.join(work, f"{name}.log"), os.path.join(work, f"{name}.jsonl")
     res = {"step": name, "status": "ok", "notes": [], "checks": [], "rows": []}
     if name == "multi-gpu" and gpu["count"] < 2:
         return dict(res, status="skipped", notes=["one GPU: no second device to test"], seconds=0)
@@ -208,17 +213,21 @@ def run_step(name: str, timeout: float, out: str, gpu: dict, sanitizer: Optional
         step = "sanitize" if name in ("memcheck", "racecheck") else name
         cmd = [sys.executable, "-m", "benchmarks.gpu_cases", step, "--jsonl", jsonl,
                "--device", "cuda:1" if name == "multi-gpu" else "cuda:0"]
-        if name in ("memcheck", "racecheck"):
+        if name in ("memcheck", "racecheck"):  # no caching allocator: memcheck sees each tensor's own bounds
+            env["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
             cmd = [sanitizer, "--tool", name, "--error-exitcode", "86", "--print-limit", "20"] + cmd
     rc, timed_out, secs, tail = run_boxed(cmd, timeout, env, log)
     checks, notes, rows = read_jsonl(jsonl)
-    res.update(seconds=round(secs, 1), rc=rc, checks=checks, notes=notes, rows=rows, log=os.path.relpath(log, out))
+    res.update(seconds=round(secs, 1), rc=rc, checks=checks, notes=notes, rows=rows)
     bad = [c for c in checks if not c.get("ok")]
     if name in ("memcheck", "racecheck"):
-        errs = sanitizer_errors(tail)
-        res["notes"].append(f"compute-sanitizer {name}: {errs if errs is not None else 'no'} errors reported")
+        errs, refused = sanitizer_errors(tail), sanitizer_unsupported(tail)
+        if refused and not checks:  # the tool cannot run here: a limit of the machine, not a finding
+            return dict(res, status="skipped", notes=[f"compute-sanitizer cannot run on this machine: {refused}"])
+        res["notes"].append(f"compute-sanitizer {name}: {errs if errs is not None else 'no summary,'} errors reported")
         if errs:
             res["sanitizer_errors"] = errs
+            bad = bad or [{"check": f"{name} summary", "backend": "cuda", "ok": False, "detail": f"{errs} errors"}]
     if timed_out:
         res["status"], res["error"] = "timeout", f"killed after {secs:.0f} s (time box {timeout:.0f} s)"
     elif rc != 0 or bad:
@@ -259,7 +268,7 @@ def write_report(out: str, gpu: dict, vers: dict, steps: List[dict], ok: bool) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks gpu-check", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=RESULTS, help="directory of gpu_check_<slug>.{json,md} and logs/")
+    ap.add_argument("--out", default=RESULTS, help="directory of gpu_check_<slug>.{json,md,log}")
     ap.add_argument("--budget", type=float, default=480, help="seconds for the whole run (default 480 = 8 min)")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma list, subset of {','.join(STEPS)}")
     ap.add_argument("--no-build", action="store_true", help="use the CUDA extension already built/installed")
@@ -281,7 +290,10 @@ def main(argv=None) -> int:
               if gpu is None else "gpu-check: --plan: ran nothing")
         return 0
     print(f"gpu-check: {gpu}", flush=True)
-    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+    os.makedirs(a.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="gpu_check_")  # per-step logs; all of them end up in one file under --out
+    combined = os.path.join(a.out, f"gpu_check_{slug(gpu['name'])}.log")
+    open(combined, "w").close()
     deadline, results = t_start + a.budget, []
     for name, t, _ in steps:
         box = step_timeout(t, deadline, time.time())
@@ -291,14 +303,19 @@ def main(argv=None) -> int:
             print(f"gpu-check: {name}: not run (budget spent)")
             continue
         try:
-            results.append(run_step(name, box, a.out, gpu, sanitizer))
+            results.append(run_step(name, box, work, gpu, sanitizer))
         except Exception as e:  # the harness itself failed on this step: record it, go on
             results.append({"step": name, "status": "fail", "checks": [], "rows": [], "notes": [],
                             "error": f"gpu-check raised {type(e).__name__}: {e}"})
+        step_log = os.path.join(work, f"{name}.log")
+        with open(combined, "a") as f:
+            f.write(f"\n===== {name}: {results[-1]['status']} =====\n")
+            f.write(open(step_log, errors="replace").read() if os.path.exists(step_log) else "(no output)\n")
     ok = overall_ok(results)
     base = write_report(a.out, gpu, vers, results, ok)
     print(open(base + ".md").read())
-    print(f"gpu-check: {'PASS' if ok else 'FAIL'} in {time.time() - t_start:.0f} s; wrote {base}.json/.md")
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"gpu-check: {'PASS' if ok else 'FAIL'} in {time.time() - t_start:.0f} s; wrote {base}.json/.md/.log")
     return 0 if ok else 1
 
 

@@ -38,11 +38,29 @@ def test_no_gpu_prints_plan_and_exits_0(tmp_path):
     assert not list(tmp_path.iterdir())  # nothing run, nothing written
 
 
-def test_plan_flag_and_step_selection():
-    p = _run("--plan", "--steps", "build,bench")
-    assert p.returncode == 0
-    assert ". build (<=" in p.stdout and ". bench (<=" in p.stdout and ". memcheck" not in p.stdout
-    assert _run("--steps", "nope").returncode == 2
+def test_plan_flag_and_step_selection(capsys):
+    assert G.main(["--plan", "--steps", "build,bench"]) == 0
+    out = capsys.readouterr().out
+    assert ". build (<=" in out and ". bench (<=" in out and ". memcheck" not in out
+    with pytest.raises(SystemExit) as e:
+        G.main(["--steps", "nope"])
+    assert e.value.code == 2
+
+
+def test_a_failing_step_fails_the_run_and_is_reported(tmp_path, monkeypatch):
+    """The GPU path of the harness, with a pretend GPU: check-cuda's child process fails (no CUDA here), the
+    failure is recorded per check, the skipped steps say why, and the exit code is 1."""
+    monkeypatch.setattr(G, "gpu_info", lambda: {"name": "NVIDIA Pretend 1", "count": 1, "arch": "90", "memory_GiB": 1})
+    monkeypatch.setattr(G, "versions", lambda: {"torch": torch.__version__})
+    monkeypatch.setattr(G, "find_sanitizer", lambda: None)
+    assert G.main(["--steps", "check-cuda,memcheck,multi-gpu", "--no-build", "--out", str(tmp_path)]) == 1
+    rep = json.load(open(tmp_path / "gpu_check_pretend-1.json"))
+    assert [s["status"] for s in rep["steps"]] == ["fail", "skipped", "skipped"] and rep["ok"] is False
+    checks = rep["steps"][0]["checks"]
+    cases = [c for c in checks if c["backend"] != "-"]                  # "-": a part of the step ran to its end
+    assert len(cases) > 100 and not any(c["ok"] for c in cases)          # every case ran and failed on its own
+    assert "compute-sanitizer not on PATH" in open(tmp_path / "gpu_check_pretend-1.md").read()
+    assert "===== check-cuda: fail =====" in open(tmp_path / "gpu_check_pretend-1.log").read()
 
 
 def test_slug_and_arch():
@@ -59,6 +77,8 @@ def test_sanitizer_summary_parsing():
     assert G.sanitizer_errors("========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)") == 1
     assert G.sanitizer_errors("========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)") == 0
     assert G.sanitizer_errors("python crashed before any summary") is None
+    assert "Device not supported" in G.sanitizer_unsupported("x\n========= Error: Device not supported\nmore")
+    assert G.sanitizer_unsupported("========= ERROR SUMMARY: 0 errors") is None
 
 
 def test_step_timeout_and_overall():
@@ -86,7 +106,7 @@ def test_compare_and_tolerances():
     assert not C.compare(a, torch.tensor([1.0, 2.0, 3.0]))[0]                       # NaN vs a number
     assert not C.compare(a.half(), a)[0]                                            # dtype
     assert not C.compare(a[:2], a)[0]                                               # shape
-    b = torch.tensor([1.0, 2.0 + 1e-7, 3.0])
+    b = torch.tensor([1.0, 2.0 + 3e-7, 3.0])
     assert not C.compare(b, torch.tensor([1.0, 2.0, 3.0]))[0]                       # exact: one ulp differs
     assert C.compare(b, torch.tensor([1.0, 2.0, 3.0]), (1e-6, 1e-6))[0]
     assert not C.compare(b + 1e-3, torch.tensor([1.0, 2.0, 3.0]), (1e-6, 1e-6))[0]
@@ -150,9 +170,18 @@ def test_cases_pass_on_cpu_backends():
     rec = C.Recorder(os.devnull)
     cpu = torch.device("cpu")
     be = "cpu" if __import__("wweight")._dispatch.cpu_extension() is not None else "torch"
-    C.check_sparse(rec, be, cpu, shapes=[(7,), (1023,), (37, 29)], dtypes=("fp32", "bf16"))
+    C.check_sparse(rec, be, cpu, shapes=[(7,), (37, 29)], dtypes=("fp32", "bf16"))
     C.check_quant(rec, "torch", cpu, shapes=[(24, 61)], dtypes=("fp32", "bf16"))
     assert rec.failed == 0
+
+
+def test_big_case_logic_on_a_small_cpu_tensor(tmp_path):
+    """check_big's planted values and quant slices, at 2**16 + 4097 elements (h = 2**16) instead of 2**31 + 4097."""
+    rec = C.Recorder(str(tmp_path / "big.jsonl"))
+    be = "cpu" if __import__("wweight")._dispatch.cpu_extension() is not None else "torch"
+    C.check_big(rec, be, torch.device("cpu"), n=2 ** 16 + 4097, quant_be="torch")
+    checks = G.read_jsonl(str(tmp_path / "big.jsonl"))[0]
+    assert len(checks) == 4 and rec.failed == 0, checks
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
@@ -160,7 +189,7 @@ def test_cases_pass_on_interpreted_triton():
     pytest.importorskip("triton")
     rec = C.Recorder(os.devnull)
     cpu = torch.device("cpu")
-    C.check_sparse(rec, "triton", cpu, shapes=[(37, 29)], dtypes=("bf16",))
+    C.check_sparse(rec, "triton", cpu, shapes=[(37, 29)], dtypes=("bf16",), views=("transposed",))
     C.check_quant(rec, "triton", cpu, shapes=[(24, 61)], dtypes=("fp32",), matmul=True)
-    C.check_iso_permute(rec, cpu)
+    C.check_iso_permute(rec, cpu, shapes=[(24, 40)], dtypes=("bf16",))
     assert rec.failed == 0
