@@ -2,6 +2,7 @@
 
 Families: sparse, iso, permute, quant, checkpoint. Each writes
 ``benchmarks/results/<family>_<device>.json`` and ``.md`` (see benchmarks/common.py).
+``gpu-check`` validates a GPU end to end (benchmarks/gpu_check.py); without one it prints its plan.
 """
 import importlib
 import sys
@@ -12,6 +13,7 @@ FAMILIES = {
     "permute": "benchmarks.bench_permute",
     "quant": "benchmarks.bench_quant",
     "checkpoint": "benchmarks.bench_checkpoint",
+    "gpu-check": "benchmarks.gpu_check",  # not a family: validates a GPU (build, every kernel, sanitizer, smoke bench)
 }
 
 
