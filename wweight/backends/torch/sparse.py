@@ -62,7 +62,7 @@ def digit_hist(xs, base, qmodel, prefix, shift, nbits, high_shift, has_prefix):
         keys = _model_keys(xs, base, s, e)
         for q in range(Q):
             key = _query_keys(keys, qmodel, q)
-            digit = ((key >> shift) & (nb - 1)).to(torch.int64)
+            digit = (key >> shift) & (nb - 1)   # int32: index_add_ takes int32 indices
             if has_prefix:   # keys outside the prefix go to an extra bin, dropped below
                 digit = torch.where((key >> high_shift) == (prefix[q] >> high_shift), digit, nb)
             out[q] += _count(digit, nb + 1)[:nb]
