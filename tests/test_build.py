@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 
-from wweight import _dispatch
+import torch
+
+from wweight import _dispatch, _ext
 
 
 def test_cpu_extension_built():
@@ -27,3 +29,7 @@ def test_cuda_extension_built_and_importable_without_gpu():
     for name in ("sparse_digit_hist", "sparse_tie_counts", "sparse_rescale_stats", "sparse_merge",
                  "quant_dequant", "quant_pack", "quant_stats"):
         assert hasattr(ext, name), name
+    # the CUDA runtime it was built against, checked at import against torch's CUDA and the driver
+    assert ext.CUDA_RUNTIME_VERSION >= 11000
+    assert isinstance(ext.cuda_driver_version(), int)
+    assert _ext.check_cuda_build(ext) is None or torch.version.cuda is not None
