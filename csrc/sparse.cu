@@ -7,68 +7,79 @@
 //  * sparse_rescale_stats per block (before, after) partial norms
 //  * sparse_merge        the fused mask-and-merge: one read of every input, one write
 //
-// Each CTA owns BLOCK = 1024 consecutive elements, 4 per thread, so a thread's four elements
-// share one Philox call (the stream layout of wweight/reference/philox.py) and tie ranks are a
-// block-wide exclusive scan plus the block's offset. Element arithmetic is csrc/sparse_elem.h,
-// shared with (and tested through) the CPU build. 64-bit indexing throughout.
+// Each CTA owns BLOCK = 1024 consecutive elements and each thread 16 bytes of them (4 fp32 or 8
+// 16-bit elements: csrc/sparse_vec.cuh), read with one 128-bit load per input when the launch's
+// pointers are 16-byte aligned. Every 4 consecutive elements share one Philox call (the stream
+// layout of wweight/reference/philox.py) and tie ranks are a block-wide exclusive scan plus the
+// block's offset, so results do not depend on that split. Element arithmetic is
+// csrc/sparse_elem.h, shared with (and tested through) the CPU build. 64-bit element indices;
+// grids stay within the hardware limits (grid.x < 2^31, grid.y <= 65535) for any n.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <algorithm>
+#include <initializer_list>
 #include <vector>
 
 #include "common.cuh"
 #include "sparse_elem.h"
+#include "sparse_vec.cuh"
+#include "sparse_keep.cuh"
 
 namespace py = pybind11;
 using namespace wweight::elem;
 
 namespace {
 
-constexpr int THREADS = 256;
-constexpr int PER_THREAD = 4;
-constexpr int64_t BLOCK = THREADS * PER_THREAD;
-static_assert(BLOCK == kBlock, "a CTA owns one tie block (wweight/sparse/plan.py BLOCK)");
+using wweight::vec::keep_flags;
+using wweight::vec::PlanArgs;
+using wweight::vec::Raw;
+using wweight::vec::ept;
+using wweight::vec::in_range;
+using wweight::vec::load_raw;
+using wweight::vec::threads;
+using wweight::vec::unpack;
+
+constexpr int64_t BLOCK = kBlock;                 // elements per CTA (one tie block)
+constexpr int HIST_THREADS = 256;
 constexpr int MAX_K = 64;                         // models per launch (pointer table in constant args)
+constexpr unsigned MAX_GRID_Y = 65535;
 
 struct Ptrs {
     const void* x[MAX_K];
 };
 
-struct PlanArgs {
-    int mode;
-    const int64_t* kp;
-    const int64_t* ties;     // (K, 2, nblocks) or null
-    int64_t nblocks;
-    const float* density;    // (K,) device
-    uint64_t seed;
-    uint32_t stream0;
-};
-
-template <int DT>
-__device__ __forceinline__ float delta_at(const void* x, const void* base, int64_t i) {
-    float v = load_f32<DT>(x, i);
-    return base ? rnd<DT>(v - load_f32<DT>(base, i)) : v;
-}
 
 // ---------------------------------------------------------------- radix select histogram
+// Grid-stride over 16-byte chunks; query q0 + blockIdx.y. Keys and prefixes are < 2^31, so the
+// prefix test (key >> high_shift) == (prefix >> high_shift) is a 32-bit mask compare.
 template <int DT>
 __global__ void digit_hist_kernel(Ptrs xs, const void* base, const int64_t* qmodel, const int64_t* prefix,
                                   unsigned long long* hist, int64_t n, int shift, int nbits, int high_shift,
-                                  bool has_prefix) {
+                                  bool has_prefix, bool aligned, int q0) {
+    constexpr int E = ept<DT>();
     extern __shared__ unsigned int sh[];
     const int nb = 1 << nbits;
     for (int j = threadIdx.x; j < nb; j += blockDim.x) sh[j] = 0;
     __syncthreads();
-    const int q = blockIdx.y;
+    const int q = q0 + int(blockIdx.y);
     const void* x = xs.x[qmodel[q]];
-    const int64_t pre = prefix[q] >> high_shift;
-    const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-        int64_t key = key_of<DT>(delta_at<DT>(x, base, i));
-        if (has_prefix && (key >> high_shift) != pre) continue;
-        atomicAdd(&sh[(key >> shift) & (nb - 1)], 1u);
+    const uint32_t hmask = (!has_prefix || high_shift >= 32) ? 0u : ~0u << high_shift;
+    const uint32_t pre = uint32_t(prefix[q]) & hmask;
+    const int64_t stride = int64_t(gridDim.x) * blockDim.x * E;
+    for (int64_t s = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * E; s < n; s += stride) {
+        const int nin = in_range<DT>(s, n);
+        const bool full = aligned && nin == E;
+        float b[E], d[E];
+        if (base) unpack<DT>(load_raw<DT>(base, s, nin, full), b);
+        wweight::vec::deltas<DT>(load_raw<DT>(x, s, nin, full), b, base != nullptr, d);
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+            const uint32_t key = key_of<DT>(d[j]);
+            if (j < nin && (key & hmask) == pre) atomicAdd(&sh[(key >> shift) & uint32_t(nb - 1)], 1u);
+        }
     }
     __syncthreads();
     for (int j = threadIdx.x; j < nb; j += blockDim.x)
@@ -77,18 +88,25 @@ __global__ void digit_hist_kernel(Ptrs xs, const void* base, const int64_t* qmod
 
 // ---------------------------------------------------------------- tie counts
 template <int DT>
-__global__ void tie_count_kernel(Ptrs xs, const void* base, const int64_t* qmodel, const int64_t* qkey,
-                                 int64_t* out, int64_t n, int64_t nblocks) {
-    using Reduce = cub::BlockReduce<int, THREADS>;
+__global__ void __launch_bounds__(threads<DT>()) tie_count_kernel(Ptrs xs, const void* base, const int64_t* qmodel,
+                                                                  const int64_t* qkey, int64_t* out, int64_t n,
+                                                                  int64_t nblocks, bool aligned, int q0) {
+    constexpr int E = ept<DT>();
+    using Reduce = cub::BlockReduce<int, threads<DT>()>;
     __shared__ typename Reduce::TempStorage tmp;
-    const int q = blockIdx.y;
+    const int q = q0 + int(blockIdx.y);
     const void* x = xs.x[qmodel[q]];
     const int64_t key = qkey[q];
-    const int64_t s = int64_t(blockIdx.x) * BLOCK + int64_t(threadIdx.x) * PER_THREAD;
+    const bool key_ok = key >= 0 && key < int64_t(0xFFFFFFFFu);   // else no key equals it
+    const int64_t s = int64_t(blockIdx.x) * BLOCK + int64_t(threadIdx.x) * E;
+    const int nin = in_range<DT>(s, n);
+    const bool full = aligned && nin == E;
+    float b[E], d[E];
+    if (base) unpack<DT>(load_raw<DT>(base, s, nin, full), b);
+    wweight::vec::deltas<DT>(load_raw<DT>(x, s, nin, full), b, base != nullptr, d);
     int c = 0;
 #pragma unroll
-    for (int j = 0; j < PER_THREAD; ++j)
-        if (s + j < n) c += key_of<DT>(delta_at<DT>(x, base, s + j)) == key;
+    for (int j = 0; j < E; ++j) c += (j < nin) & key_ok & (key_of<DT>(d[j]) == uint32_t(key));
     int total = Reduce(tmp).Sum(c);
     if (threadIdx.x == 0) out[int64_t(q) * nblocks + blockIdx.x] = total;
 }
@@ -97,87 +115,39 @@ struct MaxOp {
     __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
-struct Add2 {
-    __device__ __forceinline__ int2 operator()(const int2& a, const int2& b) const {
-        return make_int2(a.x + b.x, a.y + b.y);
-    }
-};
-
-// Keep flags of this thread's 4 elements of model t (tie ranks via a block scan).
-template <int DT, bool HAS_TIES>
-__device__ __forceinline__ void keep4(const PlanArgs& p, int t, int64_t s, int64_t n, const float d[4], bool keep[4]) {
-    if (p.mode == MODE_WINDOW) {
-        const int64_t* r = p.kp + 6 * t;
-        Window w{r[0], r[1], r[2], r[3], r[4], r[5]};
-        int64_t key[4];
-        int lo = 0, hi = 0;
-#pragma unroll
-        for (int j = 0; j < PER_THREAD; ++j) {
-            key[j] = key_of<DT>(d[j]);
-            bool in = s + j < n;
-            lo += in && key[j] == w.key_lo;
-            hi += in && key[j] == w.key_hi;
-        }
-        int64_t r_lo = 0, r_hi = 0;
-        if (HAS_TIES) {
-            using Scan = cub::BlockScan<int2, THREADS>;
-            __shared__ typename Scan::TempStorage tmp;
-            int2 mine = make_int2(lo, hi), before;
-            Scan(tmp).ExclusiveScan(mine, before, make_int2(0, 0), Add2());
-            __syncthreads();  // tmp is reused for the next model
-            r_lo = p.ties[(int64_t(t) * 2 + 0) * p.nblocks + blockIdx.x] + before.x;
-            r_hi = p.ties[(int64_t(t) * 2 + 1) * p.nblocks + blockIdx.x] + before.y;
-        }
-#pragma unroll
-        for (int j = 0; j < PER_THREAD; ++j) {
-            keep[j] = window_keep(w, key[j], r_lo, r_hi);
-            if (HAS_TIES) {
-                bool in = s + j < n;
-                r_lo += in && key[j] == w.key_lo;
-                r_hi += in && key[j] == w.key_hi;
-            }
-        }
-    } else if (p.mode == MODE_RANDOM) {
-        float u[4];
-        uniform4(s >> 2, p.seed, p.stream0 + uint32_t(t), u);
-#pragma unroll
-        for (int j = 0; j < PER_THREAD; ++j) keep[j] = u[j] < p.density[t];
-    } else {
-#pragma unroll
-        for (int j = 0; j < PER_THREAD; ++j) keep[j] = true;
-    }
-}
-
 // ---------------------------------------------------------------- rescale statistics
 template <int DT, bool HAS_TIES>
-__global__ void stats_kernel(Ptrs xs, const void* base, PlanArgs p, float* out, int64_t n, int norm) {
-    using Reduce = cub::BlockReduce<float, THREADS>;
+__global__ void __launch_bounds__(threads<DT>()) stats_kernel(Ptrs xs, const void* base, PlanArgs p, float* out,
+                                                              int64_t n, int norm, bool aligned) {
+    constexpr int E = ept<DT>();
+    using Reduce = cub::BlockReduce<float, threads<DT>()>;
     __shared__ typename Reduce::TempStorage tmp;
     const int t = blockIdx.y;
-    const int64_t s = int64_t(blockIdx.x) * BLOCK + int64_t(threadIdx.x) * PER_THREAD;
-    float d[4];
-    bool keep[4];
+    const int64_t s = int64_t(blockIdx.x) * BLOCK + int64_t(threadIdx.x) * E;
+    const int nin = in_range<DT>(s, n);
+    const bool full = aligned && nin == E;
+    float b[E], d[E];
+    bool keep[E];
+    if (base) unpack<DT>(load_raw<DT>(base, s, nin, full), b);
+    wweight::vec::deltas<DT>(load_raw<DT>(xs.x[t], s, nin, full), b, base != nullptr, d);
+    keep_flags<DT, HAS_TIES>(p, t, s, nin, d, keep);
+    float bb = 0.f, aa = 0.f;
 #pragma unroll
-    for (int j = 0; j < PER_THREAD; ++j) d[j] = s + j < n ? delta_at<DT>(xs.x[t], base, s + j) : 0.f;
-    keep4<DT, HAS_TIES>(p, t, s, n, d, keep);
-    float b = 0.f, a = 0.f;
-#pragma unroll
-    for (int j = 0; j < PER_THREAD; ++j) {
+    for (int j = 0; j < E; ++j) {
         float v = fabsf(d[j]);
         float vk = keep[j] ? v : 0.f;
-        if (norm == 1) { b += v; a += vk; }
-        else if (norm == 2) { b += v * v; a += vk * vk; }
-        else { b = fmaxf(b, v); a = fmaxf(a, vk); }
+        if (norm == 1) { bb += v; aa += vk; }
+        else if (norm == 2) { bb += v * v; aa += vk * vk; }
+        else { bb = fmaxf(bb, v); aa = fmaxf(aa, vk); }
     }
-    float bb, aa;
     if (norm == 3) {
-        bb = Reduce(tmp).Reduce(b, MaxOp());
+        bb = Reduce(tmp).Reduce(bb, MaxOp());
         __syncthreads();
-        aa = Reduce(tmp).Reduce(a, MaxOp());
+        aa = Reduce(tmp).Reduce(aa, MaxOp());
     } else {
-        bb = Reduce(tmp).Sum(b);
+        bb = Reduce(tmp).Sum(bb);
         __syncthreads();
-        aa = Reduce(tmp).Sum(a);
+        aa = Reduce(tmp).Sum(aa);
     }
     if (threadIdx.x == 0) {
         float* row = out + (int64_t(t) * p.nblocks + blockIdx.x) * 2;
@@ -188,49 +158,57 @@ __global__ void stats_kernel(Ptrs xs, const void* base, PlanArgs p, float* out, 
 
 // ---------------------------------------------------------------- fused merge
 template <int DT, int RD, bool HAS_TIES>
-__global__ void merge_kernel(Ptrs xs, int K, const void* base, void* out, PlanArgs p, const float* weights,
-                             const float* scales, int* flags, int64_t n, float lam, float divisor_nc, bool consensus,
-                             bool normalize, bool sparsify_only) {
-    const int64_t s = int64_t(blockIdx.x) * BLOCK + int64_t(threadIdx.x) * PER_THREAD;
-    float b[4];
-    MergeAcc acc[4];
-    bool bad = false;
+__global__ void __launch_bounds__(threads<DT>()) merge_kernel(Ptrs xs, int K, const void* base, void* out, PlanArgs p,
+                                                              const float* weights, const float* scales, int* flags,
+                                                              int64_t n, float lam, float divisor_nc, bool consensus,
+                                                              bool normalize, bool sparsify_only, bool aligned) {
+    constexpr int E = ept<DT>();
+    const int64_t s = int64_t(blockIdx.x) * BLOCK + int64_t(threadIdx.x) * E;
+    const int nin = in_range<DT>(s, n);
+    const bool full = aligned && nin == E;
+    float b[E];
+    MergeAcc acc[E];
+    bool ok = true;
+    if (base) unpack<DT>(load_raw<DT>(base, s, nin, full), b);
 #pragma unroll
-    for (int j = 0; j < PER_THREAD; ++j) {
-        b[j] = (base && s + j < n) ? load_f32<DT>(base, s + j) : 0.f;
-        bad |= !finite(b[j]);
+    for (int j = 0; j < E; ++j) {
+        if (!base) b[j] = 0.f;
+        ok &= finite(b[j]);
     }
-    if (bad) flags[K] = 1;
+    if (!ok) flags[K] = 1;
+    // software pipeline: model t+1's 16 bytes are in flight while model t is computed
+    Raw cur = K > 0 ? load_raw<DT>(xs.x[0], s, nin, full) : Raw{};
     for (int t = 0; t < K; ++t) {
-        float d[4];
-        bool keep[4];
-        bool badt = false;
+        const Raw nxt = t + 1 < K ? load_raw<DT>(xs.x[t + 1], s, nin, full) : Raw{};
+        float d[E];
+        bool keep[E];
+        unpack<DT>(cur, d);
+        bool okt = true;
 #pragma unroll
-        for (int j = 0; j < PER_THREAD; ++j) {
-            float x = s + j < n ? load_f32<DT>(xs.x[t], s + j) : 0.f;
-            badt |= !finite(x);
-            d[j] = base ? rnd<DT>(x - b[j]) : x;
+        for (int j = 0; j < E; ++j) {
+            okt &= finite(d[j]);
+            if (base) d[j] = rnd<DT>(d[j] - b[j]);
         }
-        if (badt) flags[t] = 1;
-        if (p.mode != MODE_NONE) keep4<DT, HAS_TIES>(p, t, s, n, d, keep);
+        if (!okt) flags[t] = 1;
+        if (p.mode != MODE_NONE) keep_flags<DT, HAS_TIES>(p, t, s, nin, d, keep);
         const float w = sparsify_only ? 1.f : weights[t];
         const float sc = p.mode != MODE_NONE ? scales[t] : 1.f;
 #pragma unroll
-        for (int j = 0; j < PER_THREAD; ++j) {
+        for (int j = 0; j < E; ++j) {
             float v = d[j];
             if (p.mode != MODE_NONE) v = rnd<RD>((keep[j] ? v : 0.f) * sc);
             if (sparsify_only) acc[j].total = v;
             else acc[j].add(rnd<RD>(v * w), w);
         }
+        cur = nxt;
     }
     const bool apply_lambda = lam != 1.f;
+    float v[E];
 #pragma unroll
-    for (int j = 0; j < PER_THREAD; ++j) {
-        if (s + j >= n) continue;
-        float v = sparsify_only ? acc[j].total
-                                : finish<RD>(acc[j], b[j], consensus, normalize, apply_lambda, lam, divisor_nc);
-        store_f32<DT>(out, s + j, v);
-    }
+    for (int j = 0; j < E; ++j)
+        v[j] = sparsify_only ? acc[j].total
+                             : finish<RD>(acc[j], b[j], consensus, normalize, apply_lambda, lam, divisor_nc);
+    wweight::vec::store_vec<DT>(out, s, nin, full, v);
 }
 
 // ---------------------------------------------------------------- host wrappers
@@ -241,6 +219,21 @@ Ptrs make_ptrs(const std::vector<uintptr_t>& xs) {
     return p;
 }
 
+// The 128-bit path needs every pointer of the launch 16-byte aligned (a CTA starts at element
+// 1024*b, a multiple of 16 bytes); otherwise the kernels take their scalar loads.
+bool aligned16(const std::vector<uintptr_t>& xs, std::initializer_list<uintptr_t> more) {
+    uintptr_t bits = 0;
+    for (uintptr_t x : xs) bits |= x;
+    for (uintptr_t x : more) bits |= x;   // a null base is 0: aligned
+    return (bits & 15u) == 0;
+}
+
+int64_t num_blocks(int64_t n) {
+    const int64_t nb = (n + BLOCK - 1) / BLOCK;
+    if (nb >= (int64_t(1) << 31)) throw std::invalid_argument("wweight._cuda: tensor too large (>= 2^41 elements)");
+    return nb;
+}
+
 int num_sms() {
     int dev = 0, sms = 0;
     wweight::check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
@@ -248,36 +241,46 @@ int num_sms() {
     return sms;
 }
 
+// Queries ride on grid.y (at most 65535): larger query sets go in slices starting at q0.
+template <typename F>
+void for_query_slices(int64_t Q, F&& launch) {
+    for (int64_t q0 = 0; q0 < Q; q0 += MAX_GRID_Y) launch(int(q0), unsigned(std::min<int64_t>(Q - q0, MAX_GRID_Y)));
+}
+
 void digit_hist(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, uintptr_t qmodel, int64_t Q,
                 uintptr_t prefix, int shift, int nbits, int high_shift, bool has_prefix, uintptr_t hist,
                 uintptr_t stream) {
     if (n == 0 || Q == 0) return;
     Ptrs p = make_ptrs(xs);
-    int64_t want = (n + THREADS * 16 - 1) / (THREADS * 16);
-    int grid_x = int(std::min<int64_t>(want, int64_t(num_sms()) * 8));
-    dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(Q));
-    size_t smem = sizeof(unsigned int) << nbits;
+    const bool al = aligned16(xs, {base});
+    const int64_t want = (n + HIST_THREADS * 16 - 1) / (HIST_THREADS * 16);   // >= 16 elements a thread
+    const unsigned grid_x = unsigned(std::min<int64_t>(want, int64_t(num_sms()) * 8));
+    const size_t smem = sizeof(unsigned int) << nbits;
     dispatch_dt(dt, [&](auto tag) {
         constexpr int DT = decltype(tag)::value;
-        digit_hist_kernel<DT><<<grid, THREADS, smem, wweight::as_stream(stream)>>>(
-            p, reinterpret_cast<const void*>(base), reinterpret_cast<const int64_t*>(qmodel),
-            reinterpret_cast<const int64_t*>(prefix), reinterpret_cast<unsigned long long*>(hist), n, shift, nbits,
-            high_shift, has_prefix);
+        for_query_slices(Q, [&](int q0, unsigned gy) {
+            digit_hist_kernel<DT><<<dim3(grid_x, gy), HIST_THREADS, smem, wweight::as_stream(stream)>>>(
+                p, reinterpret_cast<const void*>(base), reinterpret_cast<const int64_t*>(qmodel),
+                reinterpret_cast<const int64_t*>(prefix), reinterpret_cast<unsigned long long*>(hist), n, shift,
+                nbits, high_shift, has_prefix, al, q0);
+        });
     });
     wweight::check_cuda(cudaGetLastError(), "sparse_digit_hist");
 }
 
 void tie_counts(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, uintptr_t qmodel, uintptr_t qkey,
                 int64_t Q, uintptr_t out, uintptr_t stream) {
-    const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
     if (n == 0 || Q == 0) return;
+    const int64_t nblocks = num_blocks(n);
     Ptrs p = make_ptrs(xs);
-    dim3 grid(static_cast<unsigned>(nblocks), static_cast<unsigned>(Q));
+    const bool al = aligned16(xs, {base});
     dispatch_dt(dt, [&](auto tag) {
         constexpr int DT = decltype(tag)::value;
-        tie_count_kernel<DT><<<grid, THREADS, 0, wweight::as_stream(stream)>>>(
-            p, reinterpret_cast<const void*>(base), reinterpret_cast<const int64_t*>(qmodel),
-            reinterpret_cast<const int64_t*>(qkey), reinterpret_cast<int64_t*>(out), n, nblocks);
+        for_query_slices(Q, [&](int q0, unsigned gy) {
+            tie_count_kernel<DT><<<dim3(unsigned(nblocks), gy), threads<DT>(), 0, wweight::as_stream(stream)>>>(
+                p, reinterpret_cast<const void*>(base), reinterpret_cast<const int64_t*>(qmodel),
+                reinterpret_cast<const int64_t*>(qkey), reinterpret_cast<int64_t*>(out), n, nblocks, al, q0);
+        });
     });
     wweight::check_cuda(cudaGetLastError(), "sparse_tie_counts");
 }
@@ -285,24 +288,24 @@ void tie_counts(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, ui
 PlanArgs make_plan(int mode, uintptr_t kp, uintptr_t ties, int64_t n, uintptr_t density, uint64_t seed,
                    uint32_t stream0) {
     return PlanArgs{mode, reinterpret_cast<const int64_t*>(kp), reinterpret_cast<const int64_t*>(ties),
-                    (n + BLOCK - 1) / BLOCK, reinterpret_cast<const float*>(density), seed, stream0};
+                    num_blocks(n), reinterpret_cast<const float*>(density), seed, stream0};
 }
 
 void rescale_stats(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, int mode, uintptr_t kp,
                    uintptr_t ties, uintptr_t density, uint64_t seed, uint32_t stream0, int norm, uintptr_t out,
                    uintptr_t stream) {
     if (n == 0) return;
-    Ptrs p = make_ptrs(xs);
+    Ptrs p = make_ptrs(xs);                                   // grid.y = model: at most MAX_K
     PlanArgs pa = make_plan(mode, kp, ties, n, density, seed, stream0);
-    dim3 grid(static_cast<unsigned>(pa.nblocks), static_cast<unsigned>(xs.size()));
+    const dim3 grid(unsigned(pa.nblocks), unsigned(xs.size()));
+    const bool al = aligned16(xs, {base});
+    const void* b = reinterpret_cast<const void*>(base);
+    float* o = reinterpret_cast<float*>(out);
     dispatch_dt(dt, [&](auto tag) {
         constexpr int DT = decltype(tag)::value;
-        if (ties)
-            stats_kernel<DT, true><<<grid, THREADS, 0, wweight::as_stream(stream)>>>(
-                p, reinterpret_cast<const void*>(base), pa, reinterpret_cast<float*>(out), n, norm);
-        else
-            stats_kernel<DT, false><<<grid, THREADS, 0, wweight::as_stream(stream)>>>(
-                p, reinterpret_cast<const void*>(base), pa, reinterpret_cast<float*>(out), n, norm);
+        cudaStream_t st = wweight::as_stream(stream);
+        if (ties) stats_kernel<DT, true><<<grid, threads<DT>(), 0, st>>>(p, b, pa, o, n, norm, al);
+        else stats_kernel<DT, false><<<grid, threads<DT>(), 0, st>>>(p, b, pa, o, n, norm, al);
     });
     wweight::check_cuda(cudaGetLastError(), "sparse_rescale_stats");
 }
@@ -310,13 +313,13 @@ void rescale_stats(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n,
 template <int DT, int RD>
 void launch_merge(bool has_ties, dim3 grid, cudaStream_t st, Ptrs p, int K, const void* base, void* out,
                   PlanArgs pa, const float* w, const float* sc, int* flags, int64_t n, float lam, float div,
-                  bool consensus, bool normalize, bool sparsify_only) {
+                  bool consensus, bool normalize, bool sparsify_only, bool al) {
     if (has_ties)
-        merge_kernel<DT, RD, true><<<grid, THREADS, 0, st>>>(p, K, base, out, pa, w, sc, flags, n, lam, div,
-                                                              consensus, normalize, sparsify_only);
+        merge_kernel<DT, RD, true><<<grid, threads<DT>(), 0, st>>>(p, K, base, out, pa, w, sc, flags, n, lam, div,
+                                                                    consensus, normalize, sparsify_only, al);
     else
-        merge_kernel<DT, RD, false><<<grid, THREADS, 0, st>>>(p, K, base, out, pa, w, sc, flags, n, lam, div,
-                                                               consensus, normalize, sparsify_only);
+        merge_kernel<DT, RD, false><<<grid, threads<DT>(), 0, st>>>(p, K, base, out, pa, w, sc, flags, n, lam, div,
+                                                                     consensus, normalize, sparsify_only, al);
 }
 
 void merge(std::vector<uintptr_t> xs, uintptr_t base, uintptr_t out, int dt, int64_t n, int mode, uintptr_t kp,
@@ -326,7 +329,8 @@ void merge(std::vector<uintptr_t> xs, uintptr_t base, uintptr_t out, int dt, int
     if (n == 0) return;
     Ptrs p = make_ptrs(xs);
     PlanArgs pa = make_plan(mode, kp, ties, n, density, seed, stream0);
-    dim3 grid(static_cast<unsigned>(pa.nblocks));
+    const dim3 grid(unsigned(pa.nblocks));                    // < 2^31 (num_blocks)
+    const bool al = aligned16(xs, {base, out});
     cudaStream_t st = wweight::as_stream(stream);
     const void* b = reinterpret_cast<const void*>(base);
     void* o = reinterpret_cast<void*>(out);
@@ -336,12 +340,12 @@ void merge(std::vector<uintptr_t> xs, uintptr_t base, uintptr_t out, int dt, int
     const int K = int(xs.size());
     dispatch_dt(dt, [&](auto tag) {
         constexpr int DT = decltype(tag)::value;
-        if (round16)
+        if (round16 && DT != F32)
             launch_merge<DT, DT>(ties != 0, grid, st, p, K, b, o, pa, w, sc, f, n, lam, divisor_nc, consensus,
-                                 normalize, sparsify_only);
+                                 normalize, sparsify_only, al);
         else
             launch_merge<DT, F32>(ties != 0, grid, st, p, K, b, o, pa, w, sc, f, n, lam, divisor_nc, consensus,
-                                  normalize, sparsify_only);
+                                  normalize, sparsify_only, al);
     });
     wweight::check_cuda(cudaGetLastError(), "sparse_merge");
 }

@@ -15,6 +15,7 @@
 #include "dtype.h"
 
 #if defined(__CUDACC__)
+#include <cuda_fp16.h>
 #define WW_HD __host__ __device__ __forceinline__
 #else
 #define WW_HD inline
@@ -51,7 +52,10 @@ WW_HD float bits_f32(uint32_t u) {
 #endif
 }
 
-// ---- bfloat16: upper half of an fp32, round to nearest even (NaN never reaches here)
+// ---- bfloat16: upper half of an fp32, round to nearest even. Kept on the device too: it is
+// three integer instructions (cvt.rn.bf16.f32 plus the shift back is two) and, unlike the hardware
+// conversion, it is what every earlier result was made with for a NaN input as well (a NaN can
+// carry into the exponent: 0x7FFFFFFF -> 0x8000), so replacing it could change NaN-born outputs.
 WW_HD float bf16_to_f32(uint16_t h) { return bits_f32(uint32_t(h) << 16); }
 WW_HD uint16_t f32_to_bf16(float f) {
     uint32_t u = f32_bits(f);
@@ -59,8 +63,16 @@ WW_HD uint16_t f32_to_bf16(float f) {
     return uint16_t(u >> 16);
 }
 
-// ---- IEEE half, round to nearest even, subnormals and overflow to inf handled
+// ---- IEEE half, round to nearest even, subnormals and overflow to inf handled.
+// Device code uses the hardware conversions (cvt.f32.f16 / cvt.rn.f16.f32: IEEE, no flush to
+// zero), which give the very same bits as the integer code below for every non-NaN value; the
+// integer code stays for the CPU build, so CI checks the shared logic (and
+// benchmarks/check_convert.cpp checks the integer code against IEEE for every fp32 bit pattern).
+// NaN: see f32_to_f16 and rnd<F16>.
 WW_HD float f16_to_f32(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+    return __half2float(__ushort_as_half(h));
+#else
     uint32_t sign = uint32_t(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1Fu;
     uint32_t man = h & 0x3FFu;
@@ -72,8 +84,15 @@ WW_HD float f16_to_f32(uint16_t h) {
     }
     if (exp == 31) return bits_f32(sign | 0x7F800000u | (man << 13));
     return bits_f32(sign | ((exp + 112u) << 23) | (man << 13));
+#endif
 }
 WW_HD uint16_t f32_to_f16(float f) {
+#if defined(__CUDA_ARCH__)
+    // the stored value and the magnitude key are observable: a NaN becomes sign|0x7E00 exactly
+    // as in the integer code (the hardware writes its own canonical NaN)
+    const uint16_t h = __half_as_ushort(__float2half_rn(f));
+    return f != f ? uint16_t(((f32_bits(f) >> 16) & 0x8000u) | 0x7E00u) : h;
+#else
     uint32_t u = f32_bits(f);
     uint32_t sign = (u >> 16) & 0x8000u;
     uint32_t a = u & 0x7FFFFFFFu;
@@ -95,6 +114,7 @@ WW_HD uint16_t f32_to_f16(float f) {
     uint32_t rem = r & 0x1FFFu;
     if (rem > 0x1000u || (rem == 0x1000u && (out & 1u))) out++;
     return uint16_t(sign | out);
+#endif
 }
 
 // Host side: runs f(std::integral_constant<int, DT>{}) for a runtime dtype code. A generic lambda,
@@ -122,14 +142,24 @@ template <> WW_HD void store_f32<BF16>(void* p, int64_t i, float v) { static_cas
 // Round to the dtype's precision and back: torch rounds the result of every 16-bit op.
 template <int DT> WW_HD float rnd(float v);
 template <> WW_HD float rnd<F32>(float v) { return v; }
-template <> WW_HD float rnd<F16>(float v) { return f16_to_f32(f32_to_f16(v)); }
+template <> WW_HD float rnd<F16>(float v) {
+#if defined(__CUDA_ARCH__)
+    // two instructions, no NaN fix-up: an intermediate NaN here only ever meets arithmetic (whose
+    // NaN result is the canonical one either way), comparisons (false either way) or the final
+    // store / key (f32_to_f16, exact) - its payload is never observable. Positive in, positive out.
+    return __half2float(__float2half_rn(v));
+#else
+    return f16_to_f32(f32_to_f16(v));
+#endif
+}
 template <> WW_HD float rnd<BF16>(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
-// Monotone key of |d| for a value already representable in the dtype.
-template <int DT> WW_HD int64_t key_of(float d);
-template <> WW_HD int64_t key_of<F32>(float d) { return int64_t(f32_bits(d) & 0x7FFFFFFFu); }
-template <> WW_HD int64_t key_of<F16>(float d) { return int64_t(f32_to_f16(d) & 0x7FFFu); }
-template <> WW_HD int64_t key_of<BF16>(float d) { return int64_t((f32_bits(d) >> 16) & 0x7FFFu); }
+// Monotone key of |d| for a value already representable in the dtype. 31 (fp32) or 15 bits:
+// 32-bit arithmetic suffices (wweight/sparse/plan.py key_bits).
+template <int DT> WW_HD uint32_t key_of(float d);
+template <> WW_HD uint32_t key_of<F32>(float d) { return f32_bits(d) & 0x7FFFFFFFu; }
+template <> WW_HD uint32_t key_of<F16>(float d) { return f32_to_f16(d) & 0x7FFFu; }
+template <> WW_HD uint32_t key_of<BF16>(float d) { return (f32_bits(d) >> 16) & 0x7FFFu; }
 
 // ---- Philox4x32-10 (Salmon et al., SC'11); same stream as wweight/reference/philox.py
 WW_HD void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
@@ -199,7 +229,13 @@ WW_HD float finish(const MergeAcc& acc, float b, bool consensus, bool normalize,
     return b + mixed;
 }
 
-WW_HD bool finite(float v) { return (f32_bits(v) & 0x7F800000u) != 0x7F800000u; }
+WW_HD bool finite(float v) {
+#if defined(__CUDA_ARCH__)
+    return fabsf(v) <= 3.40282347e+38f;  // one FSETP (|v| modifier); false for inf and NaN, as below
+#else
+    return (f32_bits(v) & 0x7F800000u) != 0x7F800000u;
+#endif
+}
 
 }  // namespace elem
 }  // namespace wweight
