@@ -124,7 +124,7 @@ def outlier_indices(x, thr, mask) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int64, device=x.device)
     if math.isfinite(thr):
         if x.dtype in (torch.float16, torch.bfloat16):
-            m = x.abs() >= native_threshold(thr, x.dtype).to(x.device)
+            m = x.abs() >= native_threshold(thr, x.dtype)   # a 0-d CPU tensor: no host->device copy
         else:  # float32: x.float() is x itself; float64 must round to float32 first, as the reference
             m = x.float().abs() >= thr
         if mask is not None:

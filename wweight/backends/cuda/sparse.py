@@ -77,12 +77,18 @@ def selftest(device: torch.device, prims=None) -> bool:
     # one method per mask mode (none, window, random, two-sided window), with its registry defaults
     cases = [get(name) for name in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties")]
     g = torch.Generator(device="cpu").manual_seed(0)
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        base = torch.randn(5000, generator=g).to(dt)
-        ts = [base + 0.1 * torch.randn(5000, generator=g).to(dt) for _ in range(3)]
+    # n = 5003: the last block ends inside a thread's vector (the scalar tail path); bf16 inputs start
+    # 3 elements into their storage (not 16-byte aligned: the scalar fallback path)
+    n = 5003
+    for dt, off in ((torch.float32, 0), (torch.bfloat16, 3), (torch.float16, 0)):
+        base = torch.randn(n, generator=g).to(dt)
+        ts = [base + 0.1 * torch.randn(n, generator=g).to(dt) for _ in range(3)]
         ts[1][::5] = ts[1][7]  # ties at the cuts
         w, dens, gam, eps = [0.5, 1.0, 0.3], [0.4] * 3, [GAMMA.default] * 3, [EPSILON.default] * 3
-        bd, tsd = base.to(device), [t.to(device) for t in ts]
+
+        def on_device(t):
+            return torch.empty(n + off, dtype=dt, device=device)[off:].copy_(t)
+        bd, tsd = on_device(base), [on_device(t) for t in ts]
         for m in cases:
             norm, resc = m.normalize, m.rescale
             want = ref.task_arithmetic_family_ref(m.name, base, ts, w, dens, gam, eps, 1.0, norm, resc, 3)

@@ -27,7 +27,9 @@ def _ptr_table(xs):
     pageable host->device copy synchronises the host; the pinned, non-blocking one does not)."""
     addrs = tuple(ptrs(xs))
     dev = xs[0].device
-    key = (str(dev), addrs)
+    # per stream: a table is copied (non-blocking) on the stream current at its creation, and only
+    # launches on that stream are ordered after the copy (and before its memory is reused)
+    key = (str(dev), torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0, addrs)
     t = _PTR_TABLES.get(key)
     if t is None:
         t = device_tensor(addrs, torch.int64, dev)
