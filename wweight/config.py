@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from . import methods as M
+from ._hub import looks_like_hub_id
 
 #: Methods the YAML accepts, their parameters, scopes, defaults and ranges: the one registry.
 METHODS = M.MERGE_METHODS
@@ -221,7 +222,10 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
     cwd = cwd or os.getcwd()
 
     def absolute(p):
-        return os.path.normpath(os.path.join(cwd, os.path.expanduser(p)))
+        local = os.path.normpath(os.path.join(cwd, os.path.expanduser(p)))
+        # "org/name" that is not a local directory: a Hugging Face id, resolved by the reader
+        # from the local cache (wweight/_hub.py)
+        return p if not os.path.isdir(local) and looks_like_hub_id(p) else local
 
     base = None
     if data.get("base_model") is not None:

@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
+from .. import _hub as hub
 from .. import methods as M
 from ..config import MergeConfig, evaluate_setting
 from ..sparse import key_seed
@@ -143,7 +144,9 @@ def _execute(plan: MergePlan, dist: Dist, *, backend, progress, fsync) -> Dict[s
                         raise CheckpointError(f"internal: tensor {missing[0]!r} was not written")
                     writer.write_index()
                     ref = plan.base or plan.models[0]
-                    copy_side_files(plan.config.tokenizer_source, tmp, config_src=ref.path,
+                    tok = plan.config.tokenizer_source
+                    tok = hub.resolve(tok, "tokenizer_source")[0] if tok else tok   # a Hub id -> its snapshot
+                    copy_side_files(tok, tmp, config_src=ref.path,
                                     torch_dtype=_common(plan.out_dtype.values()), allow_symlinks=ref.allow_symlinks)
                     if fsync:
                         fsync_dir(tmp)

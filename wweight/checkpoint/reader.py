@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .. import _hub as hub
 from .format import INDEX_NAME, SINGLE_NAME, CheckpointError, TensorInfo, inside, read_header
 
 def _pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
@@ -38,9 +39,14 @@ class Checkpoint:
     """
 
     def __init__(self, path: str, *, what: str = "model", allow_symlinks: bool = False):
-        self.path = os.path.abspath(path)
+        try:   # a Hugging Face id resolves to its snapshot in the local cache (wweight/_hub.py)
+            local, from_hub = hub.resolve(path, what)
+        except FileNotFoundError as e:
+            raise CheckpointError(str(e)) from None
+        self.path = os.path.abspath(local)
         self.what = what
-        self.allow_symlinks = allow_symlinks
+        # cache snapshots are symlinks into the cache's blobs/: expected for a resolved id
+        self.allow_symlinks = allow_symlinks or from_hub
         if not os.path.isdir(self.path):
             raise CheckpointError(f"{what} {path}: model directory not found")
         index = os.path.join(self.path, INDEX_NAME)
