@@ -19,6 +19,7 @@ DARE / DELLA masks are seeded per tensor from ``seed`` and the tensor's name
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import time
 import uuid
@@ -61,7 +62,21 @@ def _merge_one(plan: MergePlan, key: str, tensors: List[torch.Tensor], backend) 
             kw[p.api_name] = cfg.resolve(p.name, key)  # None: the method's default
         else:
             kw[p.api_name] = float(cfg.resolve(p.name, key, None, p.default))
-    return _merge_api().merge_tensors(cfg.method, base, fts, seed=key_seed(plan.seed, key), backend=backend, **kw)
+    try:
+        return _merge_api().merge_tensors(cfg.method, base, fts, seed=key_seed(plan.seed, key), backend=backend, **kw)
+    except ValueError as e:
+        raise _name_inputs(e, plan, key) from None
+
+
+def _name_inputs(e: ValueError, plan: MergePlan, key: str) -> ValueError:
+    """The op names its inputs ``tensors[i]`` / ``base``; in a checkpoint merge say which tensor of
+    which model directory it is (a NaN in a model must name the key and the model)."""
+    msg = str(e)
+    names = {"base": plan.base} if plan.base is not None else {}
+    names.update({f"tensors[{i}]": m for i, m in enumerate(plan.models)})
+    named = re.sub(r"\bbase\b|tensors\[\d+\]",
+                   lambda m: f"{key!r} of {names[m.group(0)].path}" if m.group(0) in names else m.group(0), msg)
+    return ValueError(named if named != msg else f"{key!r}: {msg}")
 
 
 def _merge_group(plan: MergePlan, keys: List[str], loaded: List[Dict[str, torch.Tensor]], backend) -> Dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Models named by Hugging Face id resolve from the local cache (``wweight/_hub.py``)."""
+"""Checkpoint inputs: models named by Hugging Face id resolve from the local cache (``wweight/_hub.py``), and errors name the tensor and the model."""
 import hashlib
 import os
 
@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from wweight import _hub
 from wweight.checkpoint import Checkpoint, CheckpointError
-from wweight.config import parse_config
+from wweight.config import load_config, parse_config
 
 hf = pytest.importorskip("huggingface_hub")
 
@@ -74,3 +74,23 @@ def test_what_is_not_a_hub_id():
         assert not _hub.looks_like_hub_id(ref), ref
     for ref in ("mistralai/Mistral-7B-v0.1", "org/name@main"):
         assert _hub.looks_like_hub_id(ref), ref
+
+
+def test_nan_in_a_model_names_the_tensor_and_the_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from test_checkpoint_helpers import leftovers, write_yaml
+    from wweight.checkpoint import run_merge
+    from wweight.examples.zoo import make_llama_zoo
+
+    z = make_llama_zoo(str(tmp_path / "zoo"), "tiny", n_models=2, dtype=torch.float32)
+    bad = os.path.join(z["models"][1], "model.safetensors")
+    sd = load_file(bad)
+    key = sorted(sd)[0]
+    sd[key].view(-1)[3] = float("nan")
+    save_file(sd, bad)
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", "ties", z["base"], z["models"],
+                                 [{"weight": 1.0, "density": 0.5}] * 2))
+    with pytest.raises((ValueError, CheckpointError), match=rf"'{key}' of {z['models'][1]}.*NaN or Inf"):
+        run_merge(cfg, str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
