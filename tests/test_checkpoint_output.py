@@ -208,3 +208,34 @@ def test_overwrite_fallback_killed_between_renames_is_recovered(tmp_path, capsys
     # the killed run's finished-but-uncommitted directory (no owner file left) is reported, not removed
     assert os.path.isdir(tmp)
     assert "rm -rf" in capsys.readouterr().err
+
+
+def test_sigkill_mid_merge_then_rerun_cleans_up(tmp_path, capsys, llama):
+    """A real SIGKILL during a merge leaves the temporary directory; the next run removes it."""
+    import signal
+    import time
+
+    cfg = write_yaml(tmp_path / "c.yaml", "task_arithmetic", llama["base"], llama["models"], [{"weight": 0.3}] * 2)
+    script = (
+        "import sys, time, wweight.merge as m\n"
+        "real = m.merge_tensors\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(0.5)\n"
+        "    return real(*a, **k)\n"
+        "m.merge_tensors = slow\n"
+        "from wweight.cli import main\n"
+        f"sys.exit(main(['merge', {str(cfg)!r}, {str(tmp_path / 'out')!r}, '-q']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ), cwd=str(tmp_path),
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not leftovers(tmp_path, "out") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    left = leftovers(tmp_path, "out")
+    assert left, "the merge never started writing"
+    time.sleep(0.2)  # the owner file is written right after the directory
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert leftovers(tmp_path, "out") == left and not (tmp_path / "out").exists()
+    err = _merge(capsys, cfg, tmp_path / "out")
+    assert not leftovers(tmp_path, "out")
+    assert sum("removed" in ln and left[0] in ln for ln in err.splitlines()) == 1
