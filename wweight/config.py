@@ -31,6 +31,7 @@ with ``yaml.safe_load`` only: a tag that would construct a Python object is a ``
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass, field
@@ -83,6 +84,7 @@ class MergeConfig:
     out_dtype: Optional[torch.dtype]
     tokenizer_source: Optional[str]         # absolute path of the model whose tokenizer is copied
     source: str = "<config>"
+    raw: Any = None                         # the YAML as given (written to OUT_DIR/mergekit_config.yml)
 
     def resolve(self, name: str, tensor_name: str, model: Optional[ModelEntry] = None, default=None):
         """Value of parameter ``name`` for ``tensor_name`` (and ``model`` for per-model ones)."""
@@ -296,7 +298,7 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
         raise ConfigError(f"{src}: tokenizer_source must be 'base' or a model path, got {tok!r}")
 
     return MergeConfig(method=method, base_model=base, models=models, parameters=top, dtype=dtype,
-                       out_dtype=out_dtype, tokenizer_source=tok_path, source=src)
+                       out_dtype=out_dtype, tokenizer_source=tok_path, source=src, raw=copy.deepcopy(data))
 
 
 def load_config(path: str) -> MergeConfig:

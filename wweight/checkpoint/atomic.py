@@ -5,6 +5,13 @@ renames it into place at the end: an error, Ctrl-C or kill at any moment leaves 
 ``OUT_DIR``. A non-empty ``OUT_DIR`` is refused unless ``overwrite=True``. Every writer of the
 engine (merge, align, quantize, dequantize, :func:`save_checkpoint`) goes through
 :func:`atomic_output`.
+
+``--overwrite`` swaps the new directory with the old one in one ``renameat2(RENAME_EXCHANGE)``
+(Linux), so ``OUT_DIR`` always holds either the old output or the complete new one. Elsewhere (or
+on a filesystem without it) it is two renames, and a kill between them is repaired by the next run
+(:func:`.stale.recover_backup`). What SIGKILL leaves behind is handled by :mod:`.stale`.
+Every output file gets mode 0644 at commit, whichever library wrote it (safetensors' ``save_file``
+creates 0600 files; the shards are 0644).
 """
 from __future__ import annotations
 
@@ -16,6 +23,41 @@ import uuid
 from typing import Iterator, Optional, Sequence
 
 from .format import CheckpointError, human
+from .stale import OLD_SUFFIX, clean_stale, recover_backup, remove_owner, write_owner
+
+FILE_MODE = 0o644
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap the paths ``a`` and ``b`` (``renameat2(RENAME_EXCHANGE)``); False where the
+    C library, kernel or filesystem lacks it (the caller falls back to two renames)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _set_modes(directory: str) -> None:
+    """Every regular file under ``directory`` gets :data:`FILE_MODE` (symlinks are not followed)."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            fp = os.path.join(root, name)
+            if not os.path.islink(fp):
+                os.chmod(fp, FILE_MODE)
 
 class AtomicOutputDir:
     """Output directory that appears complete or not at all.
@@ -33,6 +75,7 @@ class AtomicOutputDir:
             rp = os.path.realpath(p)
             if os.path.commonpath([real, rp]) in (real, rp):
                 raise CheckpointError(f"OUT_DIR {out_dir} overlaps the input model {p}")
+        recover_backup(self.out_dir)
         if os.path.lexists(self.out_dir):
             if not os.path.isdir(self.out_dir):
                 raise CheckpointError(f"OUT_DIR {out_dir} exists and is not a directory")
@@ -60,6 +103,8 @@ class AtomicOutputDir:
         os.makedirs(self.parent, exist_ok=True)
         self.tmp = self._tmp_path(token or uuid.uuid4().hex[:12])
         os.mkdir(self.tmp)
+        write_owner(self.tmp)
+        clean_stale(self.out_dir, keep=self.tmp)
         return self.tmp
 
     def attach(self, token: str) -> str:
@@ -68,21 +113,40 @@ class AtomicOutputDir:
         return self.tmp
 
     def commit(self) -> None:
+        """Put the finished temporary directory at ``OUT_DIR`` (see the module doc)."""
         assert self.tmp is not None
+        remove_owner(self.tmp)
+        _set_modes(self.tmp)
         old = None
         if os.path.lexists(self.out_dir):
             if os.listdir(self.out_dir):
                 if not self.overwrite:  # someone filled it while we computed
                     raise CheckpointError(f"OUT_DIR {self.out_dir} is not empty (pass --overwrite to replace it)")
-                old = self.tmp + "-old"
-                os.rename(self.out_dir, old)
+                if _exchange(self.tmp, self.out_dir):
+                    self.committed = True
+                    fsync_dir(self.parent)
+                    shutil.rmtree(self.tmp, ignore_errors=True)  # now the old output
+                    return
+                old = self._move_old_aside()
             else:
                 os.rmdir(self.out_dir)
+        self._move_new_in()
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _move_old_aside(self) -> str:
+        """Step 1 of the two-rename fallback: the old output becomes ``<tmp>-old``."""
+        assert self.tmp is not None
+        old = self.tmp + OLD_SUFFIX
+        os.rename(self.out_dir, old)
+        return old
+
+    def _move_new_in(self) -> None:
+        """Step 2: the new output becomes ``OUT_DIR``."""
+        assert self.tmp is not None
         os.rename(self.tmp, self.out_dir)
         self.committed = True
         fsync_dir(self.parent)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         if self.tmp and not self.committed:

@@ -10,6 +10,8 @@ prefetched work items (all models' tensors of one key, or of one iso group), one
 buffers, host->device and device->host copies are issued ``non_blocking`` on the current stream
 and the writer thread waits on a CUDA event, so reading, compute and writing of different items
 overlap (no separate copy stream: untested on a GPU in this repository's CI).
+The output is Hub-ready as mergekit's: ``config.json``, tokenizer files, ``mergekit_config.yml`` and
+a ``README.md`` card (:mod:`.card`).
 
 Merges follow mergekit's dtype rules (``mergekit/plan.py``): inputs are cast to the config's
 ``dtype`` (default: their own dtype), merged in it, and cast to ``out_dtype`` (default: ``dtype``).
@@ -34,6 +36,7 @@ from .. import methods as M
 from ..config import MergeConfig, evaluate_setting
 from ..sparse import key_seed
 from .atomic import atomic_output, fsync_dir
+from .card import warn_if_no_tokenizer, write_hub_files
 from .dist import Dist, split_work
 from .format import FLOATS, CheckpointError
 from .plan import MergePlan, WorkItem, per_model_value, plan_merge
@@ -161,8 +164,11 @@ def _execute(plan: MergePlan, dist: Dist, *, backend, progress, fsync) -> Dict[s
                     ref = plan.base or plan.models[0]
                     tok = plan.config.tokenizer_source
                     tok = hub.resolve(tok, "tokenizer_source")[0] if tok else tok   # a Hub id -> its snapshot
-                    copy_side_files(tok, tmp, config_src=ref.path,
-                                    torch_dtype=_common(plan.out_dtype.values()), allow_symlinks=ref.allow_symlinks)
+                    copied = copy_side_files(tok, tmp, config_src=ref.path,
+                                             torch_dtype=_common(plan.out_dtype.values()),
+                                             allow_symlinks=ref.allow_symlinks)
+                    write_hub_files(plan.config, tmp)
+                    warn_if_no_tokenizer(copied, plan.config.tokenizer_source, plan.out_dir)
                     if fsync:
                         fsync_dir(tmp)
                     out.commit()

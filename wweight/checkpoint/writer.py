@@ -140,11 +140,32 @@ def _preallocate(fd: int, size: int, path: str) -> None:
         os.ftruncate(fd, size)
 
 
+_FLOAT_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+def set_config_dtype(cfg: dict, dtype: torch.dtype) -> None:
+    """Record ``dtype`` in a config.json dict: ``torch_dtype`` always (as mergekit does) and
+    transformers 5's ``dtype`` wherever it is present, top level and nested sub-configs
+    (``text_config`` ...). transformers 5 reads ``dtype`` first, so a stale one loads the merged
+    weights in the inputs' dtype."""
+    name = str(dtype).replace("torch.", "")
+    cfg["torch_dtype"] = name
+    if "dtype" in cfg:
+        cfg["dtype"] = name
+    stack = [v for v in cfg.values() if isinstance(v, dict)]
+    while stack:  # sub-configs: only keys that already name a floating dtype
+        d = stack.pop()
+        stack.extend(v for v in d.values() if isinstance(v, dict))
+        for k in ("dtype", "torch_dtype"):
+            if d.get(k) in _FLOAT_NAMES:
+                d[k] = name
+
+
 def copy_side_files(src: Optional[str], dst: str, *, config_src: Optional[str] = None,
                     torch_dtype: Optional[torch.dtype] = None, extra_config: Optional[dict] = None,
                     allow_symlinks: bool = False) -> List[str]:
-    """Copy ``config.json`` (from ``config_src``, default ``src``; ``torch_dtype`` updated as mergekit
-    does) and the tokenizer / generation files from ``src`` into ``dst``."""
+    """Copy ``config.json`` (from ``config_src``, default ``src``; its dtype set to ``torch_dtype``,
+    see :func:`set_config_dtype`) and the tokenizer / generation files from ``src`` into ``dst``."""
     copied = []
     csrc = config_src or src
     if csrc:
@@ -155,7 +176,7 @@ def copy_side_files(src: Optional[str], dst: str, *, config_src: Optional[str] =
             with open(fp, "r", encoding="utf-8") as f:
                 cfg = json.load(f)
             if torch_dtype is not None:
-                cfg["torch_dtype"] = str(torch_dtype).replace("torch.", "")
+                set_config_dtype(cfg, torch_dtype)
             if extra_config:
                 cfg.update(extra_config)
             write_json(os.path.join(dst, "config.json"), cfg)
@@ -179,7 +200,8 @@ def save_checkpoint(out_dir: str, state_dict: Mapping[str, torch.Tensor], *, con
 
     ``config`` is written as ``config.json`` (else it is copied from ``side_files_from``, whose
     tokenizer files are copied too). ``extra_files`` maps file names to small state dicts written
-    beside the model with ``safetensors.torch.save_file`` (e.g. ``permutations.safetensors``)."""
+    beside the model with ``safetensors.torch.save_file`` (e.g. ``permutations.safetensors``).
+    Every file ends up 0644 (set at commit, :mod:`.atomic`)."""
     for k, v in state_dict.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise TypeError("state_dict must map str keys to tensors")
