@@ -8,9 +8,11 @@ Modules, each usable on its own:
 * :mod:`.writer`    :func:`plan_shards` / :class:`ShardedWriter` (headers first, preallocated files,
   tensors at their final offsets from any thread or process), :func:`save_checkpoint`;
 * :mod:`.atomic`    :class:`AtomicOutputDir` and :func:`atomic_output`: every output appears
-  complete or not at all (errors, Ctrl-C, SIGTERM);
+  complete or not at all (errors, Ctrl-C, SIGTERM; ``--overwrite`` by one exchange);
+* :mod:`.stale`     what SIGKILL leaves beside OUT_DIR: removed on the next run when its owner is dead;
 * :mod:`.plan`      :func:`plan_merge`: the whole merge validated and laid out before any compute;
 * :mod:`.pipeline`  :func:`run_merge`: reader thread -> compute -> writer thread, memory-bounded;
+* :mod:`.card`      ``mergekit_config.yml`` and the ``README.md`` model card of a merge;
 * :mod:`.dist`      several processes under ``torchrun`` (work split, rank 0 commits);
 * :mod:`.align`     ``wweight align`` (Git Re-Basin weight matching of whole checkpoints);
 * :mod:`.quantize`  ``wweight quantize`` / ``dequantize``.
