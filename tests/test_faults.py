@@ -1,0 +1,58 @@
+"""Issue 14, faults and bad input: untrusted model files and configs must fail with an error that
+names the file / field, never run code, hang, read shared bytes or return silent garbage."""
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+from wweight.checkpoint import Checkpoint, CheckpointError
+
+
+def _raw_st(path, header, data: bytes, pad=True):
+    raw = json.dumps(header).encode() if isinstance(header, dict) else header
+    if pad:
+        raw += b" " * ((-len(raw)) % 8)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _e(s, t, shape=(2,), dtype="F32"):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [s, t]}
+
+
+@pytest.mark.parametrize("header,nbytes,match", [
+    ({"a": _e(0, 8), "b": _e(0, 8)}, 8, "'b'.*overlaps"),                          # same bytes twice
+    ({"a": _e(0, 8), "b": _e(4, 12)}, 12, "'b'.*overlaps"),                        # partial overlap
+    ({"a": _e(0, 8), "b": _e(12, 20)}, 20, "'b'.*hole"),                           # gap
+    ({"a": _e(0, 8)}, 16, "unaccounted"),                                          # trailing bytes
+    ({"a": _e(0, 8, dtype="F33")}, 8, "'a'.*unknown dtype"),
+    ({"a": _e(0, 12, shape=(2,))}, 12, "'a'.*byte range"),                         # size != shape
+    ({"a": _e(0, 8, shape=(2.0,))}, 8, "'a'.*shape"),
+    ({"a": _e(8, 0, shape=(0,))}, 8, "'a'"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, 8, "'a'.*data_offsets"),
+])
+def test_bad_safetensors_headers_are_refused(tmp_path, header, nbytes, match):
+    fp = str(tmp_path / "m" / "model.safetensors")
+    _raw_st(fp, header, bytes(nbytes))
+    with pytest.raises(CheckpointError, match=match) as ei:
+        Checkpoint(str(tmp_path / "m"))
+    assert "model.safetensors" in str(ei.value)
+
+
+def test_duplicate_json_keys_in_a_header_are_refused(tmp_path):
+    fp = str(tmp_path / "m" / "model.safetensors")
+    e = json.dumps(_e(0, 8))
+    _raw_st(fp, ('{"a": %s, "a": %s}' % (e, e)).encode(), bytes(8))
+    with pytest.raises(CheckpointError, match="duplicate key 'a'"):
+        Checkpoint(str(tmp_path / "m"))
+
+
+def test_valid_header_with_empty_tensors_still_reads(tmp_path):
+    fp = str(tmp_path / "m" / "model.safetensors")
+    _raw_st(fp, {"e": _e(0, 0, shape=(0, 3)), "a": _e(0, 8), "z": _e(8, 8, shape=(0,))},
+            struct.pack("<2f", 1.0, 2.0))
+    ck = Checkpoint(str(tmp_path / "m"))
+    assert ck.read("a").tolist() == [1.0, 2.0] and ck.read("e").shape == (0, 3)
