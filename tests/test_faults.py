@@ -56,3 +56,42 @@ def test_valid_header_with_empty_tensors_still_reads(tmp_path):
             struct.pack("<2f", 1.0, 2.0))
     ck = Checkpoint(str(tmp_path / "m"))
     assert ck.read("a").tolist() == [1.0, 2.0] and ck.read("e").shape == (0, 3)
+
+
+def _tiny_model(d, arch):
+    from safetensors.torch import save_file
+    os.makedirs(d, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    save_file({"0.weight": torch.randn(4, 3, generator=g), "0.bias": torch.randn(4, generator=g),
+               "1.weight": torch.randn(2, 4, generator=g), "1.bias": torch.randn(2, generator=g)},
+              os.path.join(d, "model.safetensors"))
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({"architectures": [arch]}, f)
+
+
+def test_align_auto_never_imports_code_named_by_config_json(tmp_path, monkeypatch, capsys):
+    from wweight import cli
+    marker = tmp_path / "ran"
+    (tmp_path / "evil_spec_mod.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\n"
+        "from wweight import mlp_spec\n"
+        "def spec(cfg, shapes):\n    return mlp_spec(['0', '1'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for m in ("a", "b"):
+        _tiny_model(str(tmp_path / m), "evil_spec_mod:spec")
+    code = cli.main(["align", "auto", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and not marker.exists() and not (tmp_path / "out").exists()
+    assert "evil_spec_mod:spec" in err and "no built-in permutation spec" in err
+    # typed on the command line by the user, the same spec module is loaded
+    code = cli.main(["align", "evil_spec_mod:spec", str(tmp_path / "a"), str(tmp_path / "b"),
+                     str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    assert marker.exists()
+
+
+def test_align_auto_maps_known_architectures_to_builtin_specs(tmp_path):
+    from wweight.checkpoint import build_spec
+    _tiny_model(str(tmp_path / "a"), "WWeightDigitsMLP")
+    sp = build_spec("auto", Checkpoint(str(tmp_path / "a")))
+    assert sp.perm_names == ["P0"]
