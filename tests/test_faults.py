@@ -95,3 +95,63 @@ def test_align_auto_maps_known_architectures_to_builtin_specs(tmp_path):
     _tiny_model(str(tmp_path / "a"), "WWeightDigitsMLP")
     sp = build_spec("auto", Checkpoint(str(tmp_path / "a")))
     assert sp.perm_names == ["P0"]
+
+
+def _q():
+    from wweight import quantize
+    g = torch.Generator().manual_seed(0)
+    return quantize(torch.randn(6, 20, generator=g), 4, 16, outliers=0.05)
+
+
+def _args(q, **kw):
+    a = dict(codes=q.codes, scale=q.scale, zero=q.zero, outlier_idx=q.outlier_idx, outlier_val=q.outlier_val,
+             shape=q.shape, dtype=q.dtype, bits=q.bits, block_size=q.block_size, symmetric=q.symmetric)
+    a.update(kw)
+    return a
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda q: {"shape": (6, 21)}, "codes"),
+    (lambda q: {"shape": (6, -20)}, "shape"),
+    (lambda q: {"bits": 3}, "codes"),
+    (lambda q: {"bits": 9}, "bits"),
+    (lambda q: {"bits": 0}, "bits"),
+    (lambda q: {"block_size": 0}, "block_size"),
+    (lambda q: {"block_size": 8}, "scale"),
+    (lambda q: {"symmetric": True}, "zero"),
+    (lambda q: {"zero": None}, "zero"),
+    (lambda q: {"dtype": "float8"}, "dtype"),
+    (lambda q: {"dtype": torch.float16}, "outlier_val"),
+    (lambda q: {"scale": q.scale[:-1]}, "scale"),
+    (lambda q: {"codes": q.codes.to(torch.int32)}, "codes"),
+    (lambda q: {"outlier_idx": q.outlier_idx.float()}, "outlier_idx"),
+    (lambda q: {"outlier_val": q.outlier_val[:-1]}, "outlier_val"),
+    (lambda q: {"outlier_idx": q.outlier_idx + 200}, "outlier_idx"),
+    (lambda q: {"outlier_idx": q.outlier_idx.flip(0)}, "outlier_idx"),
+    (lambda q: {"scale": None}, "scale"),
+])
+def test_inconsistent_quantized_tensor_is_refused(change, match):
+    from wweight.quant.format import QuantizedTensor
+    q = _q()
+    assert q.num_outliers >= 2
+    with pytest.raises(ValueError, match=match):
+        QuantizedTensor(**_args(q, **change(q)))
+
+
+def test_inconsistent_quantized_file_is_refused_naming_file_and_key(tmp_path):
+    from safetensors.torch import save_file
+    from wweight.quant.format import load_quantized, save_quantized
+    q = _q()
+    fp = str(tmp_path / "q.safetensors")
+    save_quantized(fp, {"w": q})
+    assert torch.equal(load_quantized(fp)["w"].dequantize(), q.dequantize())
+    tensors = q.tensors("w")
+    for meta, match in [({"shape": [6, 20], "dtype": "float32", "bits": 3, "block_size": 16, "symmetric": False}, "codes"),
+                        ({"shape": [6, 20], "dtype": "float32", "bits": 4, "symmetric": False}, "block_size"),
+                        ({"shape": [6, 20], "dtype": "int8", "bits": 4, "block_size": 16, "symmetric": False}, "dtype"),
+                        ({"shape": [6, 20], "dtype": "float32", "bits": 4, "block_size": 16, "symmetric": True}, "zero")]:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, fp,
+                  metadata={"wweight.quant.format": "1", "wweight.quant": json.dumps({"w": meta})})
+        with pytest.raises(ValueError, match=match) as ei:
+            load_quantized(fp)
+        assert "q.safetensors" in str(ei.value) and "'w'" in str(ei.value)
