@@ -155,3 +155,19 @@ def test_inconsistent_quantized_file_is_refused_naming_file_and_key(tmp_path):
         with pytest.raises(ValueError, match=match) as ei:
             load_quantized(fp)
         assert "q.safetensors" in str(ei.value) and "'w'" in str(ei.value)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_tiny_weights_fall_back_to_float32_scales(symmetric):
+    from wweight import dequantize, quantize
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 64, generator=g) * 1e-6
+    q = quantize(w, 4, 64, symmetric=symmetric)
+    assert q.scale.dtype == torch.float32
+    err = (dequantize(q) - w).abs().max() / w.abs().max()
+    assert err < 0.1, err  # fp16 scales collapsed or distorted every block (error ~ the weights)
+    with pytest.raises(ValueError, match="scale_dtype torch.float16.*float16's normal range"):
+        quantize(w, 4, 64, symmetric=symmetric, scale_dtype=torch.float16)
+    # normal weights and constant (all-zero) blocks keep the compact float16 scales
+    assert quantize(w * 1e6, 4, 64, symmetric=symmetric).scale.dtype == torch.float16
+    assert quantize(torch.zeros(4, 64), 4, 64, symmetric=symmetric).scale.dtype == torch.float16
