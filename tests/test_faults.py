@@ -171,3 +171,46 @@ def test_tiny_weights_fall_back_to_float32_scales(symmetric):
     # normal weights and constant (all-zero) blocks keep the compact float16 scales
     assert quantize(w * 1e6, 4, 64, symmetric=symmetric).scale.dtype == torch.float16
     assert quantize(torch.zeros(4, 64), 4, 64, symmetric=symmetric).scale.dtype == torch.float16
+
+
+def _merge_cli(tmp_path, capsys, text):
+    import time
+    from wweight import cli
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    t0 = time.perf_counter()
+    code = cli.main(["merge", str(cfg), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code != 0 and time.perf_counter() - t0 < 10
+    assert len(err) < 700 and err.count("\n") == 1, err[:1000]
+    return err
+
+
+def test_yaml_bomb_is_refused_quickly(tmp_path, capsys):
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 9):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    lines.append("merge_method: *l8")
+    err = _merge_cli(tmp_path, capsys, "\n".join(lines) + "\n")
+    assert f"more than 100000 nodes" in err
+    err = _merge_cli(tmp_path, capsys, "a: &a [*a]\nmerge_method: linear\n")
+    assert "c.yaml" in err
+
+
+@pytest.mark.parametrize("text,field", [
+    ("merge_method: [a, b]\nmodels: [./x]\n", "merge_method"),
+    ("merge_method: {ties: 1}\nmodels: [./x]\n", "merge_method"),
+    ("merge_method: linear\nmodels: {a: 1}\n", "models"),
+    ("merge_method: linear\nmodels: [./x]\nparameters: [1]\n", "parameters"),
+    ("merge_method: linear\nmodels: [./x]\ndtype: [float32]\n", "dtype"),
+    ("merge_method: linear\nmodels: [./x]\nname: [n]\n", "name"),
+    ("merge_method: ties\nbase_model: [./b]\nmodels: [./x]\n", "base_model"),
+])
+def test_config_fields_of_the_wrong_type_are_named(tmp_path, capsys, text, field):
+    err = _merge_cli(tmp_path, capsys, text)
+    assert "unhashable" not in err and f"{field} must be" in err, err
+
+
+def test_cli_error_lines_are_truncated(tmp_path, capsys):
+    err = _merge_cli(tmp_path, capsys, "merge_method: " + "x" * 5000 + "\nmodels: [./x]\n")
+    assert "unknown merge_method" in err and "more characters" in err

@@ -176,11 +176,16 @@ _COMMANDS = {"merge": _cmd_merge, "align": _cmd_align, "quantize": _cmd_quantize
              "dequantize": _cmd_dequantize, "demo": _cmd_demo}
 
 
+_MAX_ERROR = 500
+
+
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, KeyError):
         msg = f"missing key {msg}"
     first = msg.splitlines()[0] if msg else type(e).__name__
+    if len(first) > _MAX_ERROR:  # a value echoed from a hostile input must not flood the terminal
+        first = f"{first[:_MAX_ERROR]}... ({len(first) - _MAX_ERROR} more characters)"
     return first
 
 
