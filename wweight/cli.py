@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("align", help="permute MODEL_B's hidden units onto MODEL_A (Git Re-Basin weight matching)",
                        description="Weight matching of MODEL_B onto MODEL_A; writes the permuted MODEL_B.")
     a.add_argument("spec", metavar="SPEC_OR_ARCH",
-                   help="'auto' (from config.json's architectures), an architecture name (mlp, gpt2, llama, "
-                        "or a Hugging Face class such as LlamaForCausalLM), or module:function returning a spec")
+                   help="'auto' (config.json's architectures, built-in specs only: a model file never picks code "
+                        "to import), an architecture name (mlp, gpt2, llama, or a Hugging Face class such as "
+                        "LlamaForCausalLM), or module:function returning a spec (imported: only name your own)")
     a.add_argument("model_a", metavar="MODEL_A")
     a.add_argument("model_b", metavar="MODEL_B")
     a.add_argument("out_dir", metavar="OUT_DIR")
@@ -175,11 +176,16 @@ _COMMANDS = {"merge": _cmd_merge, "align": _cmd_align, "quantize": _cmd_quantize
              "dequantize": _cmd_dequantize, "demo": _cmd_demo}
 
 
+_MAX_ERROR = 500
+
+
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, KeyError):
         msg = f"missing key {msg}"
     first = msg.splitlines()[0] if msg else type(e).__name__
+    if len(first) > _MAX_ERROR:  # a value echoed from a hostile input must not flood the terminal
+        first = f"{first[:_MAX_ERROR]}... ({len(first) - _MAX_ERROR} more characters)"
     return first
 
 

@@ -119,19 +119,78 @@ def parse_dtype(name, argname: str = "dtype") -> Optional[torch.dtype]:
     raise ConfigError(f"{argname} must be one of float32, float16, bfloat16, float64, got {name!r}")
 
 
+#: Bounds on what a config may expand to. A merge config is a few dozen nodes; YAML aliases let a
+#: 1 KB file expand to 10**8 nodes (a "billion laughs" bomb) that would hang the loader and then
+#: every check that walks or prints the data, so the node graph is measured before it is built.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+
+
+def _expanded_size(root, limit: int) -> int:
+    """Nodes of the composed YAML graph once aliases are expanded (memoised per node: a bomb is
+    measured in the time of its distinct nodes); stops at ``limit + 1``. A recursive alias is a
+    ConfigError-worthy ValueError."""
+    import yaml
+
+    sizes: Dict[int, int] = {}
+    active = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ValueError("recursive alias (a node contains itself)")
+        active.add(key)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            kids = node.value
+        elif isinstance(node, yaml.MappingNode):
+            kids = [c for kv in node.value for c in kv]
+        else:
+            kids = []
+        for c in kids:
+            n += size(c)
+            if n > limit:
+                break
+        active.discard(key)
+        sizes[key] = n = min(n, limit + 1)
+        return n
+
+    return size(root)
+
+
 def load_yaml(path: str) -> Any:
-    """``yaml.safe_load`` of ``path``; any YAML problem becomes a one-line ``ConfigError``."""
+    """``yaml.safe_load`` of ``path``, bounded; any YAML problem becomes a one-line ``ConfigError``.
+
+    The document is composed first and its alias-expanded size checked against
+    :data:`MAX_CONFIG_NODES` (and the file against :data:`MAX_CONFIG_BYTES`) before any Python
+    object is constructed: the safe loader refuses code, not size."""
     import yaml
 
     try:
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_BYTES} bytes; a merge "
+                              "config is a few hundred bytes")
         with open(path, "r", encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config file ({e})") from None
+    loader = yaml.SafeLoader(text)
     try:
-        return yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            n = _expanded_size(node, MAX_CONFIG_NODES)
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"{path}: YAML not allowed: {e if isinstance(e, ValueError) else 'nested too deeply'}") from None
+        if n > MAX_CONFIG_NODES:
+            raise ConfigError(f"{path}: YAML expands to more than {MAX_CONFIG_NODES} nodes (aliases / "
+                              "anchors multiplying the document); refusing to load it")
+        return loader.construct_document(node)
     except yaml.constructor.ConstructorError as e:
         # e.g. !!python/object/apply:os.system: safe_load refuses it, and so do we, loudly.
         where = f" (line {e.problem_mark.line + 1})" if e.problem_mark is not None else ""
@@ -141,6 +200,10 @@ def load_yaml(path: str) -> Any:
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 def _model_ref(v, where: str, src: str) -> str:
@@ -218,6 +281,17 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
     method = data.get("merge_method")
     if method is None:
         raise ConfigError(f"{src}: merge_method is required")
+    # Types first, each error naming its field: a list where a name belongs otherwise surfaces as
+    # "unhashable type: 'list'" from a lookup far from the field.
+    if not isinstance(method, str):
+        raise ConfigError(f"{src}: merge_method must be a method name (one of {', '.join(METHODS)}), "
+                          f"got {type(method).__name__}")
+    for k, kinds, what in (("name", (str,), "a string"), ("dtype", (str,), "a dtype name"),
+                           ("out_dtype", (str,), "a dtype name"), ("base_model", (str,), "a model path"),
+                           ("tokenizer_source", (str,), "'base' or a model path"),
+                           ("parameters", (dict,), "a mapping"), ("models", (list,), "a list")):
+        if data.get(k) is not None and not isinstance(data[k], kinds):
+            raise ConfigError(f"{src}: {k} must be {what}, got {type(data[k]).__name__}")
     if method not in METHODS:
         raise ConfigError(f"{src}: unknown merge_method {method!r} (wweight supports {', '.join(METHODS)})")
     spec = M.get(method)

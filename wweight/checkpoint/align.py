@@ -14,19 +14,22 @@ from typing import Any, Dict
 import torch
 
 from .. import permute as P  # looked up at call time (as wweight.merge is by the pipeline)
+from ..permute.specs import ARCHITECTURES
 from .atomic import AtomicOutputDir
 from .format import DRY_RUN_NOTE, CheckpointError, human
 from .reader import Checkpoint, check_compatible
 from .writer import save_checkpoint
 
-_LLAMA_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "LlamaModel", "MistralModel")
-_GPT2_ARCHS = ("GPT2LMHeadModel", "GPT2Model")
-
 
 def build_spec(name: str, ck: "Checkpoint"):
     """A :class:`wweight.PermutationSpec` for the checkpoint: ``auto`` (from config.json's
     ``architectures``), ``mlp`` / ``gpt2`` / ``llama`` (or a Hugging Face class name), or
-    ``package.module:function`` called as ``function(config_dict, {key: shape})``."""
+    ``package.module:function`` called as ``function(config_dict, {key: shape})``.
+
+    ``auto`` maps the architecture through :data:`wweight.permute.specs.ARCHITECTURES` and refuses
+    anything else: config.json comes with a downloaded model, and a ``module:function`` there
+    would make ``align auto`` import and run code the model's author chose. Only ``name`` itself
+    (typed by the user) may be a ``module:function`` spec."""
     cfg = ck.config or {}
     shapes = {k: ck.tensors[k].shape for k in ck.keys}
     arch = name
@@ -35,7 +38,13 @@ def build_spec(name: str, ck: "Checkpoint"):
         if arch is None:
             raise CheckpointError(f"{ck.path}: config.json has no 'architectures'; name the spec "
                                   "(mlp, gpt2, llama or module:function)")
-    if ":" in arch:
+        if arch not in ARCHITECTURES:
+            raise CheckpointError(f"{ck.path}: config.json architecture {arch[:200]!r} has no built-in "
+                                  f"permutation spec (auto knows: {', '.join(ARCHITECTURES)}); name the spec "
+                                  "on the command line (mlp, gpt2, llama or module:function); "
+                                  "auto never imports code named by a model file")
+        arch = ARCHITECTURES[arch]
+    elif ":" in arch:
         mod, _, fn = arch.partition(":")
         try:
             spec = getattr(importlib.import_module(mod), fn)(cfg, shapes)
@@ -43,12 +52,13 @@ def build_spec(name: str, ck: "Checkpoint"):
             raise ValueError(f"spec {arch!r}: cannot load ({e})") from None
         return spec
     low = arch.lower()
-    if low in ("mlp", ) or arch == "WWeightDigitsMLP":
+    family = ARCHITECTURES.get(arch, low)
+    if family == "mlp":
         layers = [k[: -len(".weight")] for k in ck.keys if k.endswith(".weight") and len(shapes[k]) == 2]
         if not layers:
             raise CheckpointError(f"{ck.path}: no 2-D '*.weight' tensors for an MLP spec")
         return P.mlp_spec(layers, bias=all(f"{l}.bias" in shapes for l in layers))
-    if low == "gpt2" or arch in _GPT2_ARCHS:
+    if family == "gpt2":
         try:
             n_layer, n_head, d = int(cfg["n_layer"]), int(cfg["n_head"]), int(cfg["n_embd"])
         except (KeyError, TypeError, ValueError):
@@ -56,7 +66,7 @@ def build_spec(name: str, ck: "Checkpoint"):
         prefix = "transformer." if any(k.startswith("transformer.") for k in shapes) else ""
         return P.gpt2_spec(n_layer, n_head, d // n_head, prefix=prefix,
                            lm_head="lm_head.weight" if "lm_head.weight" in shapes else None)
-    if low in ("llama", "mistral", "qwen2") or arch in _LLAMA_ARCHS:
+    if family in ("llama", "mistral", "qwen2"):
         try:
             n_layer, n_head = int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
             n_kv = int(cfg.get("num_key_value_heads") or n_head)
@@ -69,7 +79,7 @@ def build_spec(name: str, ck: "Checkpoint"):
                             attention_bias="model.layers.0.self_attn.q_proj.bias" in shapes,
                             mlp_bias="model.layers.0.mlp.gate_proj.bias" in shapes)
     raise CheckpointError(f"no permutation spec for architecture {arch!r} (known: mlp, gpt2, llama, "
-                          f"{', '.join(_GPT2_ARCHS + _LLAMA_ARCHS)}; or pass module:function)")
+                          f"{', '.join(ARCHITECTURES)}; or pass module:function)")
 
 
 def run_align(spec: str, model_a: str, model_b: str, out_dir: str, *, max_iter: int = 100, seed: int = 0,

@@ -84,12 +84,31 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+def _unique_pairs(pairs):
+    """``object_pairs_hook`` for headers: JSON allows a key twice and ``json.loads`` keeps the last
+    one silently, so two entries for one tensor would read as one; refuse instead."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _nonneg_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def read_header(path: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
     """Parse and validate one safetensors file's header: ({key: TensorInfo}, metadata).
 
-    Checks what a truncated, cut or corrupted file breaks: the header length, the JSON, every
-    dtype / shape, that each tensor's byte range matches its shape and lies inside the file.
-    (safetensors has no checksum: flipped bits inside tensor data cannot be detected.)
+    Checks what the safetensors library checks, because a header is untrusted input that decides
+    which bytes each tensor reads: the header length (<= 100 MB, fits in the file), the JSON (an
+    object, no key twice), every dtype (known) and shape (non-negative integers), byte size = dtype
+    size x prod(shape), and that the data_offsets are ordered, non-overlapping and contiguous,
+    covering the data section exactly (no hole, no shared bytes, no trailing bytes). A truncated
+    file is reported as such. (safetensors has no checksum: flipped bits inside tensor data cannot
+    be detected.)
     """
     try:
         size = os.path.getsize(path)
@@ -98,36 +117,58 @@ def read_header(path: str) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
             if len(head) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or n > size - 8:
+            if n > _MAX_HEADER or n > size - 8 or n < 2:
                 raise CheckpointError(f"{path}: corrupted or truncated safetensors file (header length "
-                                      f"{n} does not fit in {size} bytes)")
+                                      f"{n} does not fit in {size} bytes or exceeds {_MAX_HEADER})")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        hdr = json.loads(raw.decode("utf-8"))
+        hdr = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_pairs)
         if not isinstance(hdr, dict):
             raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
     meta = hdr.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors header: __metadata__ is not an object")
     data_start = 8 + n
     data_len = size - data_start
     out: Dict[str, TensorInfo] = {}
+    spans = []
     for key, e in hdr.items():
-        try:
-            dt = ST_DTYPES[e["dtype"]]
-            shape = tuple(int(s) for s in e["shape"])
-            s, t = (int(x) for x in e["data_offsets"])
-        except Exception:
-            raise CheckpointError(f"{path}: corrupted safetensors header entry for key {key!r}") from None
-        if any(d < 0 for d in shape) or t - s != math.prod(shape) * itemsize(dt) or s < 0:
-            raise CheckpointError(f"{path}: corrupted safetensors header: key {key!r} has byte range "
-                                  f"[{s}, {t}) for shape {list(shape)} {e['dtype']}")
+        bad = f"{path}: corrupted safetensors header: tensor {key!r}"
+        if not isinstance(e, dict):
+            raise CheckpointError(f"{bad} is not an object")
+        name = e.get("dtype")
+        if not isinstance(name, str) or name not in ST_DTYPES:
+            raise CheckpointError(f"{bad} has unknown dtype {name!r} (known: {', '.join(ST_DTYPES)})")
+        dt = ST_DTYPES[name]
+        shape, offs = e.get("shape"), e.get("data_offsets")
+        if not isinstance(shape, list) or not all(_nonneg_int(d) for d in shape):
+            raise CheckpointError(f"{bad} has shape {shape!r}, not a list of non-negative integers")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_nonneg_int(x) for x in offs):
+            raise CheckpointError(f"{bad} has data_offsets {offs!r}, not two non-negative integers")
+        s, t = offs
+        shape = tuple(shape)
+        if t < s or t - s != math.prod(shape) * itemsize(dt):
+            raise CheckpointError(f"{bad} has byte range [{s}, {t}) for shape {list(shape)} {name} "
+                                  f"({math.prod(shape) * itemsize(dt)} bytes)")
         if t > data_len:
             raise CheckpointError(f"{path}: truncated safetensors file: key {key!r} needs "
                                   f"{data_start + t} bytes, the file has {size}")
         out[key] = TensorInfo(key, dt, shape, path, data_start + s, t - s)
+        spans.append((s, t, key))
+    end = 0
+    for s, t, key in sorted(spans):
+        if s != end:
+            what = "overlaps the previous tensor" if s < end else f"leaves a hole [{end}, {s})"
+            raise CheckpointError(f"{path}: corrupted safetensors header: tensor {key!r} at [{s}, {t}) "
+                                  f"{what}; tensors must be contiguous and non-overlapping")
+        end = t
+    if end != data_len:
+        raise CheckpointError(f"{path}: corrupted safetensors header: the tensors cover {end} data bytes, "
+                              f"the file has {data_len} ({data_len - end} unaccounted bytes at the end)")
     return out, meta
 
 

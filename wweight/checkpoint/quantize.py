@@ -16,11 +16,13 @@ import torch
 
 from ..config import parse_dtype
 from .. import quant as Q  # looked up at call time
-from ..quant.format import NAME_DTYPES
+from ..quant.format import check_meta, check_parts
 from .atomic import AtomicOutputDir, atomic_output
 from .format import DRY_RUN_NOTE, FLOATS, CheckpointError, human, inside, parse_size, read_header, write_json
 from .reader import Checkpoint
 from .writer import ShardedWriter, copy_side_files, plan_shards
+
+_PARTS = ("codes", "scale", "zero", "outlier_idx", "outlier_val")
 
 QUANT_INDEX = "quantization.json"
 
@@ -124,11 +126,21 @@ def run_dequantize(model_dir: str, out_dir: str, *, dtype=None, overwrite: bool 
         if not allow_symlinks and not inside(fp, src):
             raise CheckpointError(f"{fp}: is a symlink resolving outside {src}; refusing to follow it")
         hdr, meta = read_header(fp)
-        qmeta = json.loads(meta.get("wweight.quant", "{}"))
+        try:
+            qmeta = json.loads(meta.get("wweight.quant", "{}"))
+            if not isinstance(qmeta, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            raise CheckpointError(f"{fp}: corrupted wweight.quant metadata ({e})") from None
         for k in [k for k, v in wm.items() if v == fn]:
             if k in qmeta:
-                dt = NAME_DTYPES[qmeta[k]["dtype"]]
-                plan.append((k, out_dt or dt, tuple(qmeta[k]["shape"])))
+                try:  # planned from the header alone; the values (outlier indices) are checked on load
+                    shape, dt, bits, bs, sym = check_meta(qmeta[k])
+                    check_parts(shape, dt, bits, bs, sym, {p: (hdr[f"{k}::{p}"].dtype, hdr[f"{k}::{p}"].shape)
+                                                           for p in _PARTS if f"{k}::{p}" in hdr})
+                except ValueError as e:
+                    raise CheckpointError(f"{fp}: quantized tensor {k!r}: {e}") from None
+                plan.append((k, out_dt or dt, shape))
             elif k in hdr:
                 dt = hdr[k].dtype
                 plan.append((k, out_dt if (out_dt and dt in FLOATS) else dt, hdr[k].shape))

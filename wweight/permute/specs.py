@@ -24,6 +24,17 @@ from typing import Dict, List, Optional, Sequence
 
 from .grammar import PermutationSpec
 
+#: Hugging Face ``architectures`` names (config.json) -> the built-in builder family ``wweight align
+#: auto`` uses for them. ``auto`` reads the name from a downloaded file, so it only ever selects from
+#: this table: a config.json must never choose code to import (a ``module:function`` spec is loaded
+#: only when typed on the command line).
+ARCHITECTURES: Dict[str, str] = {
+    "WWeightDigitsMLP": "mlp",
+    "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2",
+    "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "llama",
+    "LlamaModel": "llama", "MistralModel": "llama",
+}
+
 
 def mlp_spec(layers: Sequence[str], *, bias: bool = True) -> PermutationSpec:
     """Linear layers ``layers`` (module names, input to output): perms ``P0 .. P{L-2}`` on the hidden units.

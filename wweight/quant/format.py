@@ -28,6 +28,77 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
+def _int_field(field: str, v, lo: int, hi: Optional[int] = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{field} must be an integer {rng}, got {v!r}")
+    return v
+
+
+def check_meta(meta) -> tuple:
+    """``(shape, dtype, bits, block_size, symmetric)`` of a quantized tensor's metadata (the JSON of
+    a file, or constructor arguments), each checked: the metadata comes from a file, and a wrong
+    value would make dequantization read the codes with the wrong layout (silent garbage)."""
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"metadata must be an object, got {type(meta).__name__}")
+    for f in ("shape", "dtype", "bits", "block_size", "symmetric"):
+        if f not in meta:
+            raise ValueError(f"metadata lacks field {f!r}")
+    shape = meta["shape"]
+    if isinstance(shape, torch.Size):
+        shape = list(shape)
+    if not isinstance(shape, (list, tuple)):
+        raise ValueError(f"shape must be a list of non-negative integers, got {shape!r}")
+    shape = tuple(_int_field("shape", d, 0) for d in shape)
+    dt = meta["dtype"]
+    if isinstance(dt, str):
+        if dt not in NAME_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(NAME_DTYPES)}, got {dt!r}")
+        dt = NAME_DTYPES[dt]
+    elif dt not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {', '.join(NAME_DTYPES)}, got {dt!r}")
+    bits = _int_field("bits", meta["bits"], 2, 8)
+    bs = _int_field("block_size", meta["block_size"], 1)
+    sym = meta["symmetric"]
+    if not isinstance(sym, bool):
+        raise ValueError(f"symmetric must be a bool, got {sym!r}")
+    return shape, dt, bits, bs, sym
+
+
+def check_parts(shape, dtype, bits: int, block_size: int, symmetric: bool, parts: Mapping[str, tuple]) -> None:
+    """The stored parts (``{part: (torch dtype, tensor shape)}``, ``zero`` absent when None) agree
+    with the metadata: codes = packed_bytes(n, bits) uint8, scale (and zero, iff asymmetric) one
+    float per block, outlier indices int32/int64 with one value per index in ``dtype``."""
+    n = math.prod(shape)
+    nb = -(-n // block_size)
+
+    def part(name, dtypes, numel=None):
+        if name not in parts:
+            raise ValueError(f"{name} is missing")
+        dt, shp = parts[name]
+        if dt not in dtypes:
+            raise ValueError(f"{name} has dtype {dt}, expected {' or '.join(map(str, dtypes))}")
+        if len(shp) != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {list(shp)}")
+        if numel is not None and shp[0] != numel:
+            raise ValueError(f"{name} has {shp[0]} elements, expected {numel} for shape {list(shape)}, "
+                             f"bits={bits}, block_size={block_size}")
+        return shp[0]
+
+    part("codes", (torch.uint8,), -(-n // 8) * bits)
+    part("scale", tuple(DTYPE_NAMES), nb)
+    if symmetric and parts.get("zero") is not None:
+        raise ValueError("zero is stored but symmetric=True (symmetric codes have no zero)")
+    if not symmetric:
+        if parts.get("zero") is None:
+            raise ValueError("zero is missing but symmetric=False")
+        part("zero", (parts["scale"][0],), nb)
+    k = part("outlier_idx", (torch.int32, torch.int64) if n < 2 ** 31 else (torch.int64,))
+    part("outlier_val", (dtype,), k)
+    if k > n:
+        raise ValueError(f"outlier_idx has {k} entries for {n} elements")
+
+
 class QuantizedTensor:
     """A blockwise-quantized tensor: packed codes + per-block scale/zero + exact sparse outliers.
 
@@ -38,6 +109,30 @@ class QuantizedTensor:
     """
 
     def __init__(self, codes, scale, zero, outlier_idx, outlier_val, shape, dtype, bits, block_size, symmetric):
+        """Checks every field against the others (:func:`check_meta`, :func:`check_parts`, outlier
+        indices sorted and inside the tensor): a container whose parts disagree would otherwise
+        dequantize to silent garbage or fail deep inside a kernel. ValueError names the field."""
+        shape, dtype, bits, block_size, symmetric = check_meta(
+            {"shape": shape, "dtype": dtype, "bits": bits, "block_size": block_size, "symmetric": symmetric})
+        parts = {"codes": codes, "scale": scale, "zero": zero, "outlier_idx": outlier_idx, "outlier_val": outlier_val}
+        for name, t in parts.items():
+            if t is None and name == "zero":
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != codes.device:
+                raise ValueError(f"{name} is on {t.device}, codes on {codes.device}")
+        check_parts(shape, dtype, bits, block_size, symmetric,
+                    {k: (t.dtype, tuple(t.shape)) for k, t in parts.items() if t is not None})
+        n, k = math.prod(shape), outlier_idx.numel()
+        if k:
+            i = outlier_idx
+            bad = (i[0] < 0) | (i[-1] >= n)
+            if k > 1:
+                bad = bad | (i[1:] <= i[:-1]).any()
+            if bool(bad):
+                raise ValueError(f"outlier_idx must be strictly increasing flat indices in [0, {n}) "
+                                 f"(shape {list(shape)})")
         self.codes = codes
         self.scale = scale
         self.zero = zero
@@ -45,9 +140,9 @@ class QuantizedTensor:
         self.outlier_val = outlier_val
         self.shape = torch.Size(shape)
         self.dtype = dtype
-        self.bits = int(bits)
-        self.block_size = int(block_size)
-        self.symmetric = bool(symmetric)
+        self.bits = bits
+        self.block_size = block_size
+        self.symmetric = symmetric
 
     # -- sizes -------------------------------------------------------------------------------
     def numel(self) -> int:
@@ -123,9 +218,17 @@ class QuantizedTensor:
 
     @classmethod
     def from_tensors(cls, name: str, meta: dict, tensors: Mapping[str, torch.Tensor]) -> "QuantizedTensor":
-        return cls(tensors[f"{name}::codes"], tensors[f"{name}::scale"], tensors.get(f"{name}::zero"),
-                   tensors[f"{name}::outlier_idx"], tensors[f"{name}::outlier_val"], meta["shape"],
-                   NAME_DTYPES[meta["dtype"]], meta["bits"], meta["block_size"], meta["symmetric"])
+        """The tensor ``name`` of a loaded file; ValueError names the tensor and the field."""
+        try:
+            shape, dtype, bits, bs, sym = check_meta(meta)
+            part = {p: tensors.get(f"{name}::{p}") for p in ("codes", "scale", "zero", "outlier_idx", "outlier_val")}
+            for p, t in part.items():
+                if t is None and p != "zero":
+                    raise ValueError(f"{p} is missing (no tensor {name}::{p})")
+            return cls(part["codes"], part["scale"], part["zero"], part["outlier_idx"], part["outlier_val"],
+                       shape, dtype, bits, bs, sym)
+        except ValueError as e:
+            raise ValueError(f"quantized tensor {name!r}: {e}") from None
 
 
 def save_quantized(path: str, qsd: Mapping[str, Union[QuantizedTensor, torch.Tensor]],
@@ -174,14 +277,22 @@ def load_quantized(path: str, device: Union[str, torch.device] = "cpu") -> Dict[
             raise ValueError(f"{path} is not a wweight quantized safetensors file (no 'wweight.quant' metadata)")
         if header.get("wweight.quant.format") != FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported wweight.quant.format {header.get('wweight.quant.format')!r}")
-        meta = json.loads(header["wweight.quant"])
+        try:
+            meta = json.loads(header["wweight.quant"])
+        except ValueError as e:
+            raise ValueError(f"{path}: wweight.quant metadata is not JSON ({e})") from None
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: wweight.quant metadata must be a JSON object")
     out: Dict[str, Union[QuantizedTensor, torch.Tensor]] = {}
     for k, t in tensors.items():
         if "::" not in k:
             out[k] = t
+        elif k.partition("::")[0] not in meta:
+            raise ValueError(f"{path}: tensor {k!r} belongs to no quantized tensor in the wweight.quant metadata")
     for name, m in meta.items():
-        out[name] = QuantizedTensor.from_tensors(name, m, tensors)
+        try:
+            out[name] = QuantizedTensor.from_tensors(name, m, tensors)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     return out
-
-

@@ -23,6 +23,7 @@ from .. import _dispatch, _validate
 from ..reference import quant as _ref
 from .format import QuantizedTensor
 from .outliers import outlier_plan
+from .scales import FP16_TINY, fp16_loses
 
 __all__ = ["quantize", "dequantize", "dequant_matmul"]
 
@@ -141,7 +142,8 @@ def quantize(weight: torch.Tensor, bits: int = 4, block_size: Union[int, str, No
         clip: optional ratio in (0, 1] multiplying each block's min/max (absmax), values beyond
             are clamped to the end codes (a plain clipping knob; 1 / None = no clipping).
         scale_dtype: storage dtype of scale/zero; default float16, falling back to float32 for a
-            tensor whose statistics overflow float16.
+            tensor whose statistics overflow float16 or whose scales underflow it (tiny weights:
+            a block would collapse to a constant); a forced float16 that cannot hold them raises.
         backend: see :mod:`wweight._dispatch`.
 
     Returns:
@@ -194,6 +196,17 @@ def quantize(weight: torch.Tensor, bits: int = 4, block_size: Union[int, str, No
         val = x[idx]
         if not finite():
             raise ValueError("weight: a block's value range overflows float32")
+    if scale.dtype == torch.float16 and bool((scale < FP16_TINY).any()):
+        # zero or subnormal float16 scales: constant blocks, or tiny weights whose scale underflowed
+        c2, s2, z2, i2 = _quantize_op(x, mask, thr, bits, bs, symmetric, clip_v, torch.float32, backend)
+        if fp16_loses(s2):
+            if scale_dtype is not None:
+                raise ValueError(f"scale_dtype {scale_dtype} cannot represent this weight's block scales "
+                                 f"(smallest nonzero scale {float(s2[s2 > 0].min()):.3g} is below float16's "
+                                 f"normal range {FP16_TINY:.3g}: the blocks would collapse or lose their "
+                                 "range); use torch.float32 or leave scale_dtype unset")
+            codes, scale, zero, idx = c2, s2, z2, i2
+            val = x[idx]
     idx_dtype = torch.int32 if n < 2 ** 31 else torch.int64
     return QuantizedTensor(codes, scale, None if symmetric else zero, idx.to(idx_dtype), val,
                            weight.shape, weight.dtype, bits, bs, symmetric)

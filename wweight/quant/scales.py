@@ -11,6 +11,18 @@ from typing import Optional
 import torch
 
 
+#: float16's smallest normal number: a scale below it is stored subnormal (few significant bits) or 0
+FP16_TINY = 2.0 ** -14
+
+
+def fp16_loses(scale32: torch.Tensor) -> bool:
+    """Whether float16 storage would lose some block's scale (computed in float32): a nonzero
+    scale under float16's normal range rounds to 0 (the block collapses to a constant) or to a
+    subnormal with a few significant bits (the block's range comes back wrong), silently. The
+    quantizer then falls back to float32 scales, as it does for overflow."""
+    return bool(((scale32 > 0) & (scale32 < FP16_TINY)).any())
+
+
 def packed_bytes(n: int, bits: int) -> int:
     """Bytes of the big-endian bitstream of ``n`` codes: whole groups of 8 codes, ``bits`` bytes each."""
     return -(-n // 8) * bits
