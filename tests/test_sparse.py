@@ -293,8 +293,9 @@ def test_bad_tensors_are_named():
         wweight.merge_tensors("ties", base, [base.half()])
     with pytest.raises(TypeError, match="floating-point"):
         wweight.merge_tensors("ties", base.long(), [base.long()])
-    with pytest.raises(ValueError, match="base is required"):
-        wweight.merge_tensors("ties", None, [base])
+    # base=None: the tensors are task vectors (PEFT's habit, issue 14), not an error
+    assert torch.equal(wweight.merge_tensors("ties", None, [base]),
+                       wweight.merge_tensors("ties", torch.zeros_like(base), [base]))
     with pytest.raises(ValueError, match="epsilon"):
         wweight.merge_tensors("della", base, [base + 1], density=0.5, epsilon=0.6)
     with pytest.raises(ValueError, match=r"k must be in"):

@@ -55,3 +55,10 @@ def number(name: str, v, *, lo: Optional[float] = None, hi: Optional[float] = No
 def choice(name: str, v, options: Sequence) -> None:
     if v not in options:
         raise ValueError(f"{name} must be one of {list(options)}, got {v!r}")
+
+
+def boolean(name: str, v) -> bool:
+    """A real bool (numpy's too): ``"false"`` or 0/1 would be truthy surprises."""
+    if type(v).__name__ not in ("bool", "bool_"):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return bool(v)

@@ -21,10 +21,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"wweight: error: {message} (see `{self.prog} --help`)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default shown next to its help; epilogs (the method table) kept as written."""
+
+
+def _block_size(v: str):
+    """``--block-size``: a positive int, ``row`` (one block per row) or ``tensor`` (one block), as the API."""
+    if v.lower() in ("row", "tensor"):
+        return v.lower()
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, 'row' or 'tensor', got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, 'row' or 'tensor', got {v!r}")
+    return n
+
+
 def _common_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
-                   help="largest output shard (default 5GB; e.g. 500MB, 2GiB)")
+                   help="largest output shard (e.g. 500MB, 2GiB)")
     p.add_argument("--allow-symlinks", action="store_true",
                    help="follow shard/config symlinks that leave the model directory (HF cache snapshots)")
     p.add_argument("--no-fsync", action="store_true", help="skip fsync of the output before the final rename")
@@ -47,62 +64,71 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="wweight", description="Merge, align and quantize whole checkpoints (safetensors).")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    fmt = {"formatter_class": _Help}
 
     m = sub.add_parser("merge", help="merge models from a mergekit-style YAML config",
                        description="Merge models from a mergekit-style YAML config into OUT_DIR (Hugging Face\n"
                                    "layout, sharded safetensors).",
-                       epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("config", metavar="CONFIG.yaml")
-    m.add_argument("out_dir", metavar="OUT_DIR")
-    m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+                       epilog=_methods_epilog(), **fmt)
+    m.add_argument("config", metavar="CONFIG.yaml", help="mergekit-style merge config")
+    m.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created atomically)")
+    m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     m.add_argument("--memory-budget", default="4GB", metavar="SIZE",
-                   help="bytes of tensors in flight (prefetch depth, iso group size; default 4GB)")
+                   help="bytes of tensors in flight (prefetch depth, iso group size)")
     m.add_argument("--dry-run", action="store_true", help="validate and print the plan, write nothing")
     m.add_argument("--random-seed", "--seed", dest="seed", type=int, default=0,
-                   help="seed of the DARE/DELLA masks (per tensor: seed + tensor name; default 0)")
-    m.add_argument("--backend", default=None, choices=["auto", "cuda", "triton", "torch", "reference"],
-                   help="force a kernel backend")
+                   help="seed of the DARE/DELLA masks (per tensor: seed + tensor name)")
+    m.add_argument("--backend", default=None, choices=["auto", "cuda", "triton", "cpu", "torch", "reference"],
+                   help="force a kernel backend (None = auto; cpu = the C++/OpenMP kernels of the sparse "
+                        "methods, CPU tensors)")
     _common_out(m)
 
     a = sub.add_parser("align", help="permute MODEL_B's hidden units onto MODEL_A (Git Re-Basin weight matching)",
-                       description="Weight matching of MODEL_B onto MODEL_A; writes the permuted MODEL_B.")
+                       description="Weight matching of MODEL_B onto MODEL_A; writes the permuted MODEL_B.", **fmt)
     a.add_argument("spec", metavar="SPEC_OR_ARCH",
                    help="'auto' (config.json's architectures, built-in specs only: a model file never picks code "
                         "to import), an architecture name (mlp, gpt2, llama, or a Hugging Face class such as "
                         "LlamaForCausalLM), or module:function returning a spec (imported: only name your own)")
-    a.add_argument("model_a", metavar="MODEL_A")
-    a.add_argument("model_b", metavar="MODEL_B")
-    a.add_argument("out_dir", metavar="OUT_DIR")
-    a.add_argument("--max-iter", type=int, default=100)
-    a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--device", default="cpu")
-    a.add_argument("--dry-run", action="store_true")
+    a.add_argument("model_a", metavar="MODEL_A", help="reference model (left unchanged)")
+    a.add_argument("model_b", metavar="MODEL_B", help="model whose hidden units are permuted onto MODEL_A")
+    a.add_argument("out_dir", metavar="OUT_DIR", help="output directory: permuted MODEL_B + permutations.safetensors")
+    a.add_argument("--max-iter", type=int, default=100, help="maximum weight-matching rounds")
+    a.add_argument("--seed", type=int, default=0, help="seed of the random order of the permutations per round")
+    a.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (where the costs are computed)")
+    a.add_argument("--dry-run", action="store_true", help="validate and print the plan, write nothing")
     _common_out(a)
 
     q = sub.add_parser("quantize", help="blockwise quantization with outlier preservation",
-                       description="Quantize MODEL_DIR into OUT_DIR (wweight quantized safetensors layout).")
-    q.add_argument("model_dir", metavar="MODEL_DIR")
-    q.add_argument("out_dir", metavar="OUT_DIR")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--block-size", type=int, default=64)
+                       description="Quantize MODEL_DIR into OUT_DIR (wweight quantized safetensors layout).\n"
+                                   "Use the result with `wweight dequantize OUT_DIR PLAIN_DIR` (a loadable\n"
+                                   "Hugging Face checkpoint again) or wweight.load_quantized(file).", **fmt)
+    q.add_argument("model_dir", metavar="MODEL_DIR", help="Hugging Face model directory (safetensors)")
+    q.add_argument("out_dir", metavar="OUT_DIR", help="output directory (quantized-*.safetensors, quantization.json)")
+    q.add_argument("--bits", type=int, default=4, help="bits per code, 2..8")
+    q.add_argument("--block-size", type=_block_size, default=64,
+                   help="elements per scale: a positive integer, 'row' (one block per row) or 'tensor'")
     q.add_argument("--outliers", default="none",
-                   help="outlier handling passed to wweight.quantize_state_dict (e.g. none, super, "
-                        "a fraction such as 0.001)")
+                   help="weights kept exact: none, a fraction in (0, 1) such as 0.001 (largest |w|), or "
+                        "zscore:Z. Super weights need their coordinates: use the Python API "
+                        "(quantize_state_dict(super_weights=known_super_weights(name)))")
     q.add_argument("--skip", action="append", default=None, metavar="SUBSTRING",
                    help="keep tensors whose name contains SUBSTRING unquantized (repeatable)")
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--dry-run", action="store_true")
+    q.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    q.add_argument("--dry-run", action="store_true", help="validate and print the plan, write nothing")
     _common_out(q)
 
-    d = sub.add_parser("dequantize", help="turn a quantized checkpoint back into a plain one")
-    d.add_argument("model_dir", metavar="QUANTIZED_DIR")
-    d.add_argument("out_dir", metavar="OUT_DIR")
-    d.add_argument("--dtype", default=None, help="output dtype (default: as recorded at quantization)")
+    d = sub.add_parser("dequantize", help="turn a quantized checkpoint back into a plain one",
+                       description="Turn the output of `wweight quantize` back into a plain Hugging Face\n"
+                                   "checkpoint (sharded safetensors) that transformers can load.", **fmt)
+    d.add_argument("model_dir", metavar="QUANTIZED_DIR", help="directory written by `wweight quantize`")
+    d.add_argument("out_dir", metavar="OUT_DIR", help="output directory (plain checkpoint)")
+    d.add_argument("--dtype", default=None,
+                   help="output dtype, e.g. bfloat16 (None: each tensor's dtype recorded at quantization)")
     _common_out(d)
 
-    e = sub.add_parser("demo", help="build a small digits model zoo and merge it (offline, < 1 min)")
-    e.add_argument("--workdir", default=None, help="where to build the zoo (default: a temporary directory)")
-    e.add_argument("--tasks", type=int, default=5, help="number of fine-tuned models (default 5)")
+    e = sub.add_parser("demo", help="build a small digits model zoo and merge it (offline, < 1 min)", **fmt)
+    e.add_argument("--workdir", default=None, help="where to build the zoo (None: a temporary directory)")
+    e.add_argument("--tasks", type=int, default=5, help="number of fine-tuned models")
     e.add_argument("--keep", action="store_true", help="keep the temporary workdir")
     return p
 
@@ -143,14 +169,25 @@ def _cmd_align(args) -> int:
     return 0
 
 
+QUANT_USAGE = ("use it with `wweight dequantize {out} PLAIN_DIR` (a plain checkpoint transformers can load) "
+               "or in Python: wweight.load_quantized(file) -> wweight.dequantize_state_dict(...)")
+
+
 def _cmd_quantize(args) -> int:
     from .checkpoint import run_quantize
+
+    if str(args.outliers).lower() == "super":
+        raise ValueError("--outliers super is not available on the command line: super weights need their "
+                         "coordinates, from wweight.known_super_weights(model_name) or wweight.find_super_weights "
+                         "(a forward pass); pass them to wweight.quantize_state_dict(super_weights=...)")
 
     res = run_quantize(args.model_dir, args.out_dir, bits=args.bits, block_size=args.block_size,
                        outliers=args.outliers, skip=args.skip, device=args.device, overwrite=args.overwrite,
                        dry_run=args.dry_run, max_shard_size=args.max_shard_size, allow_symlinks=args.allow_symlinks, fsync=not args.no_fsync)
     if not args.quiet:
         print(res["message"])
+        if not args.dry_run:
+            print("wweight: " + QUANT_USAGE.format(out=args.out_dir))
     return 0
 
 

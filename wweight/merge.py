@@ -32,7 +32,7 @@ def _method(name: str) -> M.MergeMethod:
 
 def merge_tensors(method: str, base: Optional[torch.Tensor], tensors: Sequence[torch.Tensor],
                   weights: Optional[Num] = None, density: Num = M.DENSITY.default, gamma: Num = M.GAMMA.default,
-                  epsilon: Num = M.EPSILON.default, lambda_: float = M.LAMBDA.default,
+                  epsilon: Num = M.EPSILON.default, lambda_: Optional[float] = None,
                   normalize: Optional[bool] = None, rescale: Optional[bool] = None,
                   seed: Optional[int] = None, *, backend: Optional[str] = None, **iso_kwargs) -> torch.Tensor:
     """Merge one tensor of K fine-tuned models (mergekit semantics; see :mod:`wweight.methods`).
@@ -47,25 +47,53 @@ def merge_tensors(method: str, base: Optional[torch.Tensor], tensors: Sequence[t
             the agreeing models (0 replaced by 1), as mergekit.
         density, gamma, epsilon: sparsification parameters (scalar or one per model), see
             :func:`wweight.sparsify`.
-        lambda_: mergekit's ``lambda`` (scales the merged delta).
+        lambda_: mergekit's ``lambda`` (scales the merged delta; ``None`` = 1.0). ``lambda`` is a
+            Python keyword, so the mergekit spelling is accepted as ``**{"lambda": 0.5}`` (YAML
+            parameter dicts pass through unchanged); giving both is an error.
         normalize, rescale: ``None`` = the method's mergekit default; rescale is mergekit's
             L1-norm rescale of each sparsified delta.
         seed: Philox key of DARE/DELLA masks (model i uses stream i); ``None`` draws one from
             torch's generator.
         iso_kwargs: for ``iso_c``/``iso_cts``/``tsv_m`` (``alpha``, ``common_space_fraction``,
-            ``compute_dtype``), forwarded to :func:`wweight.iso.iso_merge_tensors`.
+            ``compute_dtype``), forwarded to :func:`wweight.iso.iso_merge_tensors`. Any method
+            also takes ``int8_mask`` (a bool, as in mergekit's YAML): mergekit's ``int8_mask``
+            only stores its masks as int8 to save memory, which changes no number, and wweight
+            builds no mask tensors, so it is accepted and has no effect.
+
+    ``base=None`` with a task-vector method (everything but ``linear``): ``tensors`` are then
+    task vectors (deltas), as in PEFT's ``ties`` / ``dare_linear`` utilities - the base is taken
+    as zeros and the result is the merged delta. The isotropic methods need the base itself
+    (their result is ``base + alpha * merged_delta``; pass zeros for deltas).
 
     Returns:
         A new tensor with ``base``'s shape, dtype and device (for ``linear``: ``tensors[0]``'s).
         Inputs are never modified. NaN/Inf in any input raise ``ValueError`` naming it.
     """
     m = _method(method)
+    lambda_ = _lambda_arg(lambda_, iso_kwargs)
+    _validate.boolean("int8_mask", iso_kwargs.pop("int8_mask", False))  # no numeric effect (see above)
     if m.family == "iso":
+        if lambda_ is not None:
+            raise TypeError(f"lambda is not a parameter of {method}; scale with alpha")
+        if weights is not None:  # as merge_state_dicts: silently ignoring them would hide a mistake
+            raise ValueError(f"weights are not used by {method}; scale with alpha")
         return iso_merge_tensors(method, base, list(tensors), backend=backend, **iso_kwargs)
     if iso_kwargs:
         raise TypeError(f"unexpected keyword arguments for method {method!r}: {sorted(iso_kwargs)}")
-    return ta.merge_tensors(m, base, tensors, weights, density, gamma, epsilon, lambda_, normalize, rescale, seed,
-                            backend)
+    if base is None and m.needs_base and isinstance(tensors, (list, tuple)) and tensors \
+            and isinstance(tensors[0], torch.Tensor):
+        base = torch.zeros_like(tensors[0])  # PEFT habit: the tensors are task vectors
+    return ta.merge_tensors(m, base, tensors, weights, density, gamma, epsilon,
+                            M.LAMBDA.default if lambda_ is None else lambda_, normalize, rescale, seed, backend)
+
+
+def _lambda_arg(lambda_, kwargs: dict):
+    """``lambda_`` or mergekit's ``lambda`` (popped from ``kwargs``); both given is an error."""
+    if "lambda" in kwargs:
+        if lambda_ is not None:
+            raise TypeError("give lambda_ or lambda (mergekit's name), not both")
+        lambda_ = kwargs.pop("lambda")
+    return lambda_
 
 
 def merge_state_dicts(method: str, base: Optional[Dict[str, torch.Tensor]], finetuned: Sequence[Dict[str, torch.Tensor]],
@@ -83,6 +111,7 @@ def merge_state_dicts(method: str, base: Optional[Dict[str, torch.Tensor]], fine
     copied from ``base``. Returns a new dict with ``base``'s keys, dtypes and devices.
     """
     m = _method(method)
+    _validate.boolean("int8_mask", kwargs.pop("int8_mask", False))  # no numeric effect (merge_tensors)
     if isinstance(finetuned, dict) or not isinstance(finetuned, (list, tuple)):
         raise TypeError("finetuned must be a list of state dicts")
     if len(finetuned) == 0:

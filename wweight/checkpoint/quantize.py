@@ -57,8 +57,9 @@ def run_quantize(model_dir: str, out_dir: str, *, bits: int = 4, block_size: int
     bytes of input tensors, which bounds host memory."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if block_size not in ("row", "tensor") and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                                or block_size < 1):  # same choices as wweight.quantize
+        raise ValueError(f"block_size must be a positive integer, 'row' or 'tensor', got {block_size!r}")
     out_spec = parse_outliers(outliers)
     src = Checkpoint(model_dir, what="MODEL_DIR", allow_symlinks=allow_symlinks)
     out = AtomicOutputDir(out_dir, overwrite=overwrite, inputs=[src.path])

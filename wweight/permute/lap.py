@@ -57,6 +57,8 @@ def _check_cost(cost) -> Tuple[torch.Tensor, bool]:
         raise TypeError(f"cost must be a torch.Tensor or numpy.ndarray, got {type(cost).__name__}")
     if cost.dtype.is_complex or cost.dtype == torch.bool:
         raise TypeError(f"cost must be a real floating or integer tensor, got {cost.dtype}")
+    if cost.device.type == "meta":
+        raise ValueError("cost is a meta tensor (no values): linear_sum_assignment needs real costs")
     if cost.dim() not in (2, 3):
         raise ValueError(f"cost must be 2-D (n, m) or a 3-D batch (B, n, m), got shape {tuple(cost.shape)}")
     if cost.numel() and cost.is_floating_point():

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .. import _dispatch
+from .. import _dispatch, _validate
 from .apply import _check_perms, _Ctx, _descend, _device_of, _permute_param
 from .lap import linear_sum_assignment
 from .grammar import PermutationSpec
@@ -166,7 +166,8 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
         backend: LAP backend (see :func:`linear_sum_assignment`).
         lap_method: LAP ``method`` (``"auto"``: scipy for CPU params, the certified batched auction
             for CUDA params; ``"scipy"`` / ``"auction"`` force one).
-        cost_dtype: dtype of the cost matmuls (default float32, or float64 for float64 params).
+        cost_dtype: dtype of the cost matmuls (default float32, or float64 for float64 params);
+            a floating dtype, since integer costs would truncate the products.
         joint_blocks: solve a block perm (e.g. attention heads) jointly with the perms inside its
             blocks: every (head of A, head of B) pair gets its optimal inner assignment (a batch of
             H*H assignments of size head_dim), then the heads are assigned on those scores. Without
@@ -211,6 +212,10 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
                  for p, shp in ctx.shapes.items()}
     else:
         perms = dict(_check_perms(ctx, init_perm, "init_perm", dev))
+    tol = _validate.number("tol", tol, lo=0.0)  # TypeError for None/'x', ValueError for < 0 / NaN / Inf
+    if cost_dtype is not None and (not isinstance(cost_dtype, torch.dtype) or not cost_dtype.is_floating_point):
+        # integer costs would truncate every A_w @ B_w^T product and change the matching silently
+        raise TypeError(f"cost_dtype must be a floating torch.dtype (float32, float64, ...), got {cost_dtype!r}")
     if cost_dtype is None:
         cost_dtype = torch.float64 if any(params_a[k].dtype == torch.float64 for k in spec.axes_to_perm) else torch.float32
     names = list(ctx.shapes)

@@ -15,6 +15,7 @@ import torch
 from .. import _validate
 from .format import QuantizedTensor
 from .ops import dequantize, quantize
+from .super_weights import check_super_weights
 
 def _skip(name: str, patterns: Iterable[str]) -> bool:
     return any(re.search(p, name) for p in patterns)
@@ -35,9 +36,7 @@ def quantize_state_dict(sd: Mapping[str, torch.Tensor], bits: int = 4, block_siz
         raise TypeError(f"sd must be a mapping of names to tensors, got {type(sd).__name__}")
     patterns = [skip] if isinstance(skip, str) else list(skip)
     super_weights = dict(super_weights or {})
-    unknown = [k for k in super_weights if k not in sd]
-    if unknown:
-        raise ValueError(f"super_weights names not in sd: {unknown[:5]}")
+    check_super_weights(super_weights, sd)  # names and coordinates fit this model's shapes
     out: Dict[str, Union[QuantizedTensor, torch.Tensor]] = {}
     for name, t in sd.items():
         if (isinstance(t, torch.Tensor) and t.dtype in _validate.FLOAT_DTYPES and t.dim() >= min_ndim

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -98,12 +98,41 @@ def find_super_weights(model: torch.nn.Module, input_ids: torch.Tensor, threshol
     return sorted(found, key=lambda f: (f["layer"], f["row"], f["col"]))
 
 
-def known_super_weights(model_name: Optional[str] = None, *, verified_only: bool = False):
+def check_super_weights(super_weights: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor]) -> None:
+    """Every named tensor exists in ``sd`` and every coordinate lies inside its shape.
+
+    Published coordinates belong to one architecture (layer count, hidden and MLP sizes); on a
+    model of another shape they would point at the wrong weights or out of bounds, so a mismatch
+    is reported as such instead of as a bare index error deep in the quantizer."""
+    hint = ("the super-weight coordinates are for another architecture (known_super_weights gives those "
+            "of one published model; use find_super_weights on this one)")
+    missing = [k for k in super_weights if k not in sd]
+    if missing:
+        raise ValueError(f"super_weights names not in the state dict: {missing[:5]}: {hint}")
+    for k, c in super_weights.items():
+        t = sd[k]
+        c = torch.as_tensor(c)
+        if c.dim() != 2 or c.shape[1] != t.dim():
+            raise ValueError(f"super_weights[{k!r}] has shape {tuple(c.shape)}, expected (N, {t.dim()}) "
+                             f"for a tensor of shape {tuple(t.shape)}: {hint}")
+        lim = torch.tensor(tuple(t.shape), dtype=torch.int64)
+        bad = ((c < 0) | (c >= lim)).any(dim=1)
+        if bool(bad.any()):
+            first = tuple(int(x) for x in c[bad][0])
+            raise ValueError(f"super_weights[{k!r}]: coordinate {first} is out of range for the tensor's shape "
+                             f"{tuple(t.shape)}: {hint}")
+
+
+def known_super_weights(model_name: Optional[str] = None, *, verified_only: bool = False,
+                        state_dict: Optional[Mapping[str, torch.Tensor]] = None):
     """Published super-weight coordinates shipped in ``wweight/data/super_weights.json``.
 
     With ``model_name`` (e.g. ``"huggyllama/llama-7b"``; case-insensitive, the part after the
     last '/' also matches) returns ``{state_dict_name: (N, 2) int64 tensor}`` ready for
     ``quantize_state_dict(super_weights=...)``; without it, the whole table as a dict.
+    With ``state_dict``, the coordinates are checked against its tensors' shapes
+    (:func:`check_super_weights`; ``quantize_state_dict`` does the same check), so coordinates
+    of another architecture are refused saying so.
     """
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "super_weights.json")
     with open(path) as f:
@@ -124,6 +153,12 @@ def known_super_weights(model_name: Optional[str] = None, *, verified_only: bool
     out: Dict[str, List[List[int]]] = {}
     for layer, row, col in entry["coords"]:
         out.setdefault(table["_weight_name"].format(layer=layer), []).append([row, col])
-    return {k: torch.tensor(v, dtype=torch.int64) for k, v in out.items()}
+    res = {k: torch.tensor(v, dtype=torch.int64) for k, v in out.items()}
+    if state_dict is not None:
+        try:
+            check_super_weights(res, state_dict)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    return res
 
 

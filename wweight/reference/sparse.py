@@ -115,9 +115,14 @@ def bernoulli_ref(tensor, density, rescale_norm=None, seed=0, stream=0):
 
 def della_probabilities_ref(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA keep probabilities (work dtype, shape of ``tensor``): ranks along dim 1, computed in
-    mergekit's work dtype (so bf16 tensors get bf16-rounded ranks, exactly as mergekit)."""
+    mergekit's work dtype (so bf16 tensors get bf16-rounded ranks, exactly as mergekit).
+
+    0-d and 1-D tensors are ranked as one row (``reshape(1, -1)``): mergekit's ``unsqueeze(0)``
+    leaves a 0-d tensor 1-D and fails with an IndexError, and a row of one element gives it 0/0 =
+    NaN probabilities (``torch.bernoulli`` then raises). Here a row whose ranks are all equal gets
+    rank_norm 0, i.e. keep probability ``density - epsilon``, so every shape merges."""
     wd = _work_dtype(tensor)
-    t = tensor if tensor.dim() >= 2 else tensor.unsqueeze(0)
+    t = tensor if tensor.dim() >= 2 else tensor.reshape(1, -1)
     mags = t.abs()
     ranks = torch.argsort(torch.argsort(mags, dim=1, stable=True), dim=1).to(wd) + 1
     lo = ranks.min(dim=1, keepdim=True).values

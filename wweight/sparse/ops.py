@@ -178,6 +178,14 @@ def sparsify(tensor: torch.Tensor, density: float, method: str = "magnitude", ga
         seed: key of the counter-based Philox stream for ``random``/``della_magprune`` (same
             seed -> same mask on every backend); ``None`` draws one from torch's generator.
         stream: Philox stream id (merges use the model index), for independent masks under one seed.
+        gamma, epsilon: default 0.01 and 0.15, the defaults of mergekit 0.1.5's Breadcrumbs / DELLA
+            *merge methods* (its YAML), so ``sparsify(x, d, "della_magprune")`` is what a DELLA
+            merge does to each task vector. mergekit's low-level ``mergekit.sparsify.sparsify``
+            defaults both to 0 (with ``epsilon=0`` DELLA is plain DARE, with ``gamma=0``
+            Breadcrumbs keeps no outlier margin); pass ``gamma=0, epsilon=0`` for its numbers.
+
+    0-d and one-element tensors are accepted by every method (DELLA ranks them as one row with
+    keep probability ``density - epsilon``; mergekit's ``della_magprune`` fails on them).
 
     Ties at a magnitude cut are broken by lowest flat index (a stable sort's order); see
     ``wweight/reference/sparse.py`` for this and the other documented differences from mergekit.
