@@ -122,6 +122,8 @@ def della_probabilities_ref(tensor: torch.Tensor, density: float, epsilon: float
     NaN probabilities (``torch.bernoulli`` then raises). Here a row whose ranks are all equal gets
     rank_norm 0, i.e. keep probability ``density - epsilon``, so every shape merges."""
     wd = _work_dtype(tensor)
+    if tensor.numel() == 0:          # an empty tensor has no ranks (min/max over an empty row fail)
+        return torch.zeros(tensor.shape, dtype=wd, device=tensor.device)
     t = tensor if tensor.dim() >= 2 else tensor.reshape(1, -1)
     mags = t.abs()
     ranks = torch.argsort(torch.argsort(mags, dim=1, stable=True), dim=1).to(wd) + 1
@@ -150,6 +152,8 @@ def della_magprune_ref(tensor, density, epsilon, rescale_norm=None, seed=0, stre
 
 def sparsify_ref(tensor, density, method="magnitude", gamma=GAMMA.default, epsilon=EPSILON.default, rescale_norm=None,
                  seed=0, stream=0):
+    if tensor.numel() == 0:   # nothing to keep or rescale (norms of an empty tensor would fail)
+        return tensor.clone()
     if method == "magnitude":
         return magnitude_ref(tensor, density, rescale_norm)
     if method == "random":
