@@ -214,3 +214,23 @@ def test_config_fields_of_the_wrong_type_are_named(tmp_path, capsys, text, field
 def test_cli_error_lines_are_truncated(tmp_path, capsys):
     err = _merge_cli(tmp_path, capsys, "merge_method: " + "x" * 5000 + "\nmodels: [./x]\n")
     assert "unknown merge_method" in err and "more characters" in err
+
+
+def test_cli_dequantize_refuses_inconsistent_metadata_before_writing(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from wweight import cli
+    _tiny_model(str(tmp_path / "a"), "WWeightDigitsMLP")
+    assert cli.main(["quantize", str(tmp_path / "a"), str(tmp_path / "q"), "--block-size", "4", "-q"]) == 0
+    fp = next(str(p) for p in (tmp_path / "q").iterdir() if p.name.endswith(".safetensors"))
+    with safe_open(fp, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    qm = json.loads(meta["wweight.quant"])
+    qm["0.weight"]["bits"] = 3
+    meta["wweight.quant"] = json.dumps(qm)
+    save_file(tensors, fp, metadata=meta)
+    capsys.readouterr()
+    code = cli.main(["dequantize", str(tmp_path / "q"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "'0.weight'" in err and "codes" in err and os.path.basename(fp) in err, err
+    assert not (tmp_path / "out").exists()
