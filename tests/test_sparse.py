@@ -56,10 +56,11 @@ def assert_same(got, want, exact=True, what=""):
     if exact:
         assert torch.equal(got, want), (what, (got.float() - want.float()).abs().max())
     else:
-        # float32 rescale factors reduce the norms in another order than torch.sum: last bits
-        # (one ulp of the factor, scaled by the largest magnitude in play)
+        # float32 rescale factors reduce the norms in another order than torch.sum: last bits. Up to
+        # K = 5 rescaled deltas, each factor an ulp or two off, times weights up to 1.7 and summed:
+        # a few ulps of the largest magnitude in play (3.6e-6 at scale 2.9 was seen under load)
         scale = max(1.0, float(want.float().abs().max())) if want.numel() else 1.0
-        torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=1e-6 * scale, msg=what)
+        torch.testing.assert_close(got.float(), want.float(), rtol=4e-6, atol=4e-6 * scale, msg=what)
 
 
 @pytest.mark.parametrize("backend", backends())
