@@ -239,3 +239,41 @@ def test_sigkill_mid_merge_then_rerun_cleans_up(tmp_path, capsys, llama):
     err = _merge(capsys, cfg, tmp_path / "out")
     assert not leftovers(tmp_path, "out")
     assert sum("removed" in ln and left[0] in ln for ln in err.splitlines()) == 1
+
+
+def test_progress_counts_bytes_read_and_written_and_tensors(tmp_path, monkeypatch):
+    # the bar's total is the summary's bytes read + written; reads count when they arrive (not at
+    # the write of the same tensor), and the postfix counts tensors out of the total
+    import tqdm as tqdm_mod
+
+    from test_checkpoint_helpers import write_yaml
+    from wweight.checkpoint import run_merge
+    from wweight.config import load_config
+    from wweight.examples.zoo import make_llama_zoo
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, **kw):
+            self.total, self.n, self.events, self.postfix = total, 0, [], ""
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+            self.events.append(k)
+
+        def set_postfix_str(self, s, refresh=True):
+            self.postfix = s
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm_mod, "tqdm", Bar)
+    z = make_llama_zoo(str(tmp_path / "zoo"), "tiny", n_models=2, dtype=torch.float32)
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", "ties", z["base"], z["models"],
+                                 [{"weight": 1.0, "density": 0.5}] * 2))
+    res = run_merge(cfg, str(tmp_path / "out"), progress=True)
+    (bar,) = bars
+    assert bar.total == bar.n == res["bytes_read"] + res["bytes_written"]
+    assert bar.events[0] > 0 and len(bar.events) >= 2 * res["tensors"] - 1
+    assert bar.postfix.startswith(f"{res['tensors']}/{res['tensors']} tensors")

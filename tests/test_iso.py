@@ -398,3 +398,34 @@ def test_empty_and_zero_size_keys():
         assert iso.iso_merge_tensors(method, b, [b, b]).shape == (0, 5)
         out = iso.iso_merge_state_dicts(method, {"e": b, "s": torch.zeros(3)}, [{"e": b, "s": torch.ones(3)}] * 2)
         assert out["e"].shape == (0, 5) and torch.equal(out["s"], torch.ones(3))
+
+
+def test_iso_state_dict_merge_reports_progress(monkeypatch):
+    # progress=True was ignored by the iso methods (a silent multi-second run): keys are counted per batch
+    import tqdm as tqdm_mod
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, **kw):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm_mod, "tqdm", Bar)
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.randn(6, 4, generator=g), "b": torch.randn(6, 4, generator=g), "c": torch.randn(5, generator=g),
+            "n": torch.tensor(3)}
+    fts = [{k: (v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in base.items()}
+           for _ in range(2)]
+    import wweight
+
+    out = wweight.merge_state_dicts("iso_c", base, fts, progress=True, batch_size=1)
+    assert set(out) == set(base)
+    (bar,) = bars
+    assert bar.total == bar.n == 3          # the float keys

@@ -119,5 +119,6 @@ def merge_state_dicts(method: str, base: Optional[Dict[str, torch.Tensor]], fine
     if m.family == "iso":
         if weights is not None:
             raise ValueError(f"weights are not used by {method}; scale with alpha")
-        return iso_merge_state_dicts(method, base, list(finetuned), alpha=alpha, backend=backend, **kwargs)
+        return iso_merge_state_dicts(method, base, list(finetuned), alpha=alpha, backend=backend, progress=progress,
+                                     **kwargs)
     return ta.merge_state_dicts(m, base, finetuned, weights, alpha, backend, progress, **kwargs)

@@ -253,11 +253,15 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
             n += writer.write(k, outs[k])
         return n
 
-    bar = None
+    bar, overhead = None, 0
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(i.in_bytes + i.out_bytes for i in items), unit="B", unit_scale=True,
+        # the summary's figures (plan.bytes_in / bytes_out) also count the shard headers: add them when
+        # this process writes every item, so the bar ends at the summary's total
+        overhead = (plan.bytes_in + plan.bytes_out) - sum(i.in_bytes + i.out_bytes for i in plan.items)
+        overhead = overhead if len(items) == len(plan.items) and overhead > 0 else 0
+        bar = tqdm(total=sum(i.in_bytes + i.out_bytes for i in items) + overhead, unit="B", unit_scale=True,
                    desc=f"wweight {plan.config.method}", file=sys.stderr, dynamic_ncols=True,
                    mininterval=0.5, leave=False, disable=None)  # disable=None: no bar off a TTY
     t0 = time.perf_counter()
@@ -265,6 +269,7 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
     writes: deque = deque()
     it_iter = iter(items)
     done_tensors = 0
+    n_tensors = sum(len(i.keys) for i in items)
 
     def fill(pool):
         while len(loads) < plan.depth:
@@ -281,10 +286,10 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
             fut.result()
             stats["written"] += it.out_bytes
             done_tensors += len(it.keys)
-            if bar is not None:
-                bar.update(it.in_bytes + it.out_bytes)
+            if bar is not None:   # the read half was counted when the item's inputs arrived
+                bar.update(it.out_bytes)
                 el = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{done_tensors / el:.1f} tensors/s", refresh=False)
+                bar.set_postfix_str(f"{done_tensors}/{n_tensors} tensors, {done_tensors / el:.1f}/s", refresh=False)
 
     with ThreadPoolExecutor(1, thread_name_prefix="wweight-read") as rd, \
             ThreadPoolExecutor(1, thread_name_prefix="wweight-write") as wr:
@@ -295,6 +300,8 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
                 data = fut.result()
                 fill(rd)
                 stats["read"] += it.in_bytes
+                if bar is not None:   # bytes read count as soon as they are in memory, not at the write
+                    bar.update(it.in_bytes)
                 with torch.no_grad():
                     result = compute(it, data)
                 del data
@@ -303,6 +310,8 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
                 stats["tensors"] += len(it.keys)
                 retire(plan.depth)
             retire(0)
+            if bar is not None and overhead:
+                bar.update(overhead)
         except BaseException:
             for _, f in list(loads) + list(writes):
                 f.cancel()

@@ -99,7 +99,7 @@ def _default_budget(device: torch.device) -> int:
 
 
 def _merge(method, base, finetuned, names, alpha, f, compute_dtype, memory_budget, batch_size, backend,
-           rank_rtol, device):
+           rank_rtol, device, progress=False):
     """Core of both public functions; inputs already validated except for NaN/Inf."""
     T = len(finetuned)
     out: Dict[str, torch.Tensor] = {}
@@ -111,6 +111,25 @@ def _merge(method, base, finetuned, names, alpha, f, compute_dtype, memory_budge
         dev = torch.device(device) if device is not None else b.device
         key = (tuple(b.shape), str(dev)) if b.dim() == 2 else ("other", str(dev))
         groups.setdefault(key, []).append(k)
+    bar = None
+    if progress:   # keys merged, advanced per batch (a batch of SVDs can take seconds)
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(v) for v in groups.values()), desc=f"merge {method}", unit="key")
+    try:
+        _merge_groups(method, base, finetuned, names, alpha, f, compute_dtype, memory_budget, batch_size, backend,
+                      rank_rtol, T, out, groups, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {k: out[k] for k in base}  # base's key order
+
+
+def _merge_groups(method, base, finetuned, names, alpha, f, compute_dtype, memory_budget, batch_size, backend,
+                  rank_rtol, T, out, groups, bar):
+    def done(n):
+        if bar is not None:
+            bar.update(n)
 
     def task_vectors(k, dev, be, want_each, want_sum):
         b = base[k].to(dev, non_blocking=True)
@@ -133,12 +152,14 @@ def _merge(method, base, finetuned, names, alpha, f, compute_dtype, memory_budge
                     if not bool(torch.isfinite(t.to(compute_dtype) - b.to(compute_dtype)).all()):
                         raise ValueError(f"{names(k, i)} - {names(k, None)} (task vector {i} of key {k!r}) contains NaN or Inf")
                 out[k] = _ref.iso_merge_tensors(method, b, tvs, alpha, f, compute_dtype, rank_rtol).to(base[k].device)
+                done(1)
             continue
         if gkey[0] == "other":  # plain mean of the task vectors
             for k in keys:
                 b, _, total = task_vectors(k, dev, be, False, True)
                 res = b.to(compute_dtype) + (alpha / T) * total
                 out[k] = res.to(base[k].dtype).to(base[k].device)
+                done(1)
             continue
         m, n = gkey[0]
         if batch_size is not None:
@@ -163,7 +184,7 @@ def _merge(method, base, finetuned, names, alpha, f, compute_dtype, memory_budge
                 res = bases[j].to(compute_dtype) + alpha * merged[j]
                 out[k] = res.to(base[k].dtype).to(base[k].device)
             del merged, bases
-    return {k: out[k] for k in base}  # base's key order
+            done(len(chunk))
 
 
 def iso_merge_state_dicts(method: str, base: Mapping[str, torch.Tensor],
@@ -171,7 +192,7 @@ def iso_merge_state_dicts(method: str, base: Mapping[str, torch.Tensor],
                           common_space_fraction: float = CSF.default, compute_dtype: torch.dtype = torch.float32,
                           memory_budget: Optional[int] = None, batch_size: Optional[int] = None,
                           backend: Optional[str] = None, *, rank_rtol: float = RANK_RTOL,
-                          device=None) -> Dict[str, torch.Tensor]:
+                          device=None, progress: bool = False) -> Dict[str, torch.Tensor]:
     """Merge whole models with Iso-C, Iso-CTS or TSV-M; returns a new dict ``base + alpha * merged``.
 
     Args:
@@ -191,6 +212,7 @@ def iso_merge_state_dicts(method: str, base: Mapping[str, torch.Tensor],
         device: where to compute (default: each key's device). Inputs are streamed there batch by
             batch and results copied back to base's devices, so a model larger than the GPU merges
             with only ``memory_budget`` on the GPU.
+        progress: a tqdm bar of the keys merged, advanced per batch.
 
     Returns: dict with base's keys, dtypes and devices. Inputs are not modified.
     """
@@ -225,7 +247,7 @@ def iso_merge_state_dicts(method: str, base: Mapping[str, torch.Tensor],
 
     with torch.no_grad():
         return _merge(method, base, finetuned, names, alpha, f, compute_dtype, memory_budget, batch_size,
-                      backend, rtol, device)
+                      backend, rtol, device, bool(progress))
 
 
 def iso_merge_tensors(method: str, base: torch.Tensor, tensors: Sequence[torch.Tensor], alpha: float = 1.0,
