@@ -1,4 +1,5 @@
-"""Checkpoint inputs: models named by Hugging Face id resolve from the local cache (``wweight/_hub.py``), and errors name the tensor and the model."""
+"""Checkpoint inputs: models named by Hugging Face id resolve from the local cache (``wweight/_hub.py``);
+errors name the tensor and the model."""
 import hashlib
 import os
 
