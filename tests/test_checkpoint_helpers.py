@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
+import time
 
 import torch
 import yaml
@@ -80,3 +81,33 @@ def run_cli(*args, env=None, timeout=120):
         e.update(env)
     return subprocess.run([sys.executable, "-m", "wweight", *map(str, args)], capture_output=True,
                           text=True, env=e, timeout=timeout, cwd=tempfile.gettempdir())
+
+
+def run_main(capsys, *argv):
+    """``wweight.cli.main(argv)`` in-process: (exit code, stdout, stderr)."""
+    from wweight import cli
+
+    code = cli.main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def start_slow_merge(cfg, out_dir, cwd, **popen_kw):
+    """Start ``wweight merge cfg out_dir`` in a subprocess whose every tensor takes 0.5 s, and return
+    it once the merge has created its temporary directory beside ``out_dir`` (or after 60 s), so a
+    test can signal it mid-merge."""
+    script = (
+        "import sys, time, wweight.merge as m\n"
+        "real = m.merge_tensors\n"
+        "def slow(*a, **k):\n"
+        "    time.sleep(0.5)\n"
+        "    return real(*a, **k)\n"
+        "m.merge_tensors = slow\n"
+        "from wweight.cli import main\n"
+        f"sys.exit(main(['merge', {str(cfg)!r}, {str(out_dir)!r}, '-q']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ), cwd=str(cwd), **popen_kw)
+    parent, name = os.path.split(str(out_dir))
+    deadline = time.time() + 60
+    while not leftovers(parent, name) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return proc

@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
 
-from test_checkpoint_helpers import leftovers, write_yaml
+from test_checkpoint_helpers import leftovers, start_slow_merge, write_yaml
 from wweight import cli
 from wweight.checkpoint import AtomicOutputDir, save_checkpoint
 from wweight.checkpoint import atomic as A
@@ -216,20 +215,7 @@ def test_sigkill_mid_merge_then_rerun_cleans_up(tmp_path, capsys, llama):
     import time
 
     cfg = write_yaml(tmp_path / "c.yaml", "task_arithmetic", llama["base"], llama["models"], [{"weight": 0.3}] * 2)
-    script = (
-        "import sys, time, wweight.merge as m\n"
-        "real = m.merge_tensors\n"
-        "def slow(*a, **k):\n"
-        "    time.sleep(0.5)\n"
-        "    return real(*a, **k)\n"
-        "m.merge_tensors = slow\n"
-        "from wweight.cli import main\n"
-        f"sys.exit(main(['merge', {str(cfg)!r}, {str(tmp_path / 'out')!r}, '-q']))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ), cwd=str(tmp_path),
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while not leftovers(tmp_path, "out") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = start_slow_merge(cfg, tmp_path / "out", tmp_path, stderr=subprocess.DEVNULL)
     left = leftovers(tmp_path, "out")
     assert left, "the merge never started writing"
     time.sleep(0.2)  # the owner file is written right after the directory

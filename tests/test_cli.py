@@ -7,9 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from test_checkpoint_helpers import (files_bytes, leftovers, mergekit_tensors, run_cli,
-                                write_yaml)
-from wweight import cli
+from test_checkpoint_helpers import (files_bytes, leftovers, mergekit_tensors, run_cli, run_main,
+                                     start_slow_merge, write_yaml)
 from wweight.checkpoint import load_checkpoint
 from wweight.examples.zoo import build_zoo, make_llama_zoo
 
@@ -19,10 +18,7 @@ def zoo(tmp_path_factory):
     return build_zoo(str(tmp_path_factory.mktemp("zoo")), n_tasks=3, hidden=(32, 32), ft_epochs=3)
 
 
-def _run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+_run = run_main
 
 
 def _reference_merge(method, base_dir, model_dirs, model_params, top):
@@ -339,25 +335,10 @@ def test_sigterm_mid_merge_leaves_nothing(tmp_path, zoo):
     """A kill (SIGTERM) during the merge: no OUT_DIR, and the temporary directory is removed."""
     import signal
     import subprocess
-    import sys
-    import time
 
     cfg = write_yaml(tmp_path / "c.yaml", "task_arithmetic", zoo["base_path"], zoo["finetuned_paths"],
                      [{"weight": 0.3}] * 3)
-    script = (
-        "import sys, time, wweight.merge as m\n"
-        "real = m.merge_tensors\n"
-        "def slow(*a, **k):\n"
-        "    time.sleep(0.5)\n"
-        "    return real(*a, **k)\n"
-        "m.merge_tensors = slow\n"
-        "from wweight.cli import main\n"
-        f"sys.exit(main(['merge', {str(cfg)!r}, {str(tmp_path / 'out')!r}, '-q']))\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ), stderr=subprocess.PIPE, text=True,
-                            cwd=str(tmp_path))
-    deadline = time.time() + 60
-    while not leftovers(tmp_path, "out") and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = start_slow_merge(cfg, tmp_path / "out", tmp_path, stderr=subprocess.PIPE, text=True)
     assert leftovers(tmp_path, "out"), "the merge never started writing"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)

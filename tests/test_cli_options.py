@@ -13,16 +13,15 @@ from wweight import methods as M
 from wweight.checkpoint import load_checkpoint
 from wweight.examples.zoo import build_zoo
 
+from test_checkpoint_helpers import run_main
+
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
     return build_zoo(str(tmp_path_factory.mktemp("zoo")), n_tasks=2, hidden=(16, 16), ft_epochs=1)
 
 
-def _run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+_run = run_main
 
 
 def _help(capsys, *cmd):

@@ -129,7 +129,7 @@ def test_triton_launch_runs_under_the_tensors_device(monkeypatch):
     fake = _FakeDevice()
     monkeypatch.setattr(torch.cuda, "device", fake.device)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
-    monkeypatch.setattr(L, "_tensor_device", lambda args: torch.device("cuda", 1))
+    monkeypatch.setattr(_ext, "cuda_device_of", lambda args: torch.device("cuda", 1))
     seen = []
 
     class Kernel:

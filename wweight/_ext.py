@@ -11,6 +11,7 @@ extensions export that enum as ``DTYPE_CODES`` and ``tests/test_layout.py`` chec
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import warnings
@@ -122,6 +123,15 @@ def cuda_device_of(args) -> Optional[torch.device]:
     return None
 
 
+def device_guard(args):
+    """A context running under the device of the first CUDA tensor among ``args`` (a no-op when there
+    is none, or it is already current). Shared by :func:`on_tensor_device` and the Triton ``launch``."""
+    dev = cuda_device_of(args)
+    if dev is None or dev.index is None or dev.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(dev)
+
+
 def on_tensor_device(fn):
     """Run ``fn`` (a glue primitive) under the CUDA device of its tensors.
 
@@ -131,10 +141,7 @@ def on_tensor_device(fn):
     """
     @functools.wraps(fn)
     def guarded(*args, **kwargs):
-        dev = cuda_device_of(list(args) + list(kwargs.values()))
-        if dev is None or dev.index is None or dev.index == torch.cuda.current_device():
-            return fn(*args, **kwargs)
-        with torch.cuda.device(dev):
+        with device_guard(list(args) + list(kwargs.values())):
             return fn(*args, **kwargs)
 
     guarded.device_guarded = True

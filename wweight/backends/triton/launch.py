@@ -13,9 +13,11 @@ One place for what each launch must get right and the interpreter does not check
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Sequence
 
 import torch
+
+from ..._ext import device_guard
 
 #: CUDA's launch limits (every architecture since sm_30)
 GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
@@ -33,13 +35,6 @@ def check_grid(grid: Sequence[int], name: str = "kernel") -> tuple:
             raise ValueError(f"{name}: grid axis {'xyz'[axis]} = {v} is outside [0, {lim}] "
                              "(CUDA launch limit); this is a bug in the launcher's grid")
     return g
-
-
-def _tensor_device(args) -> Optional[torch.device]:
-    for a in args:
-        if isinstance(a, torch.Tensor) and a.device.type == "cuda":
-            return a.device
-    return None
 
 
 @contextlib.contextmanager
@@ -64,10 +59,7 @@ def launch(kernel, grid: Sequence[int], *args, **kwargs):
         rec(kernel, g, args, kwargs)
     if 0 in g:
         return None
-    dev = _tensor_device(args)
-    if dev is None or dev.index is None or dev.index == torch.cuda.current_device():
-        return kernel[g](*args, **kwargs)
-    with torch.cuda.device(dev):
+    with device_guard(args):
         return kernel[g](*args, **kwargs)
 
 

@@ -40,7 +40,7 @@ def quantize_fused(x: torch.Tensor, bs: int, bits: int, symmetric: bool, thr: fl
         x, mask if mask is not None else x, scale, zero if zero is not None else scale, out, n, bs, nb, ngroups,
         float(thr) if excl else 0.0, float(clip) if clip is not None else 1.0,
         BITS=bits, SYM=symmetric, HAS_MASK=mask is not None, EXCL=excl, HAS_CLIP=clip is not None,
-        SD=_SD_CODE[scale_dtype], ROWS=rows, GP=gp, enable_fp_fusion=False)
+        SD=_SD_CODE[scale_dtype], ROWS=rows, GP=gp)
     return out, scale, zero
 
 
@@ -81,7 +81,7 @@ def block_stats(x: torch.Tensor, bs: int, symmetric: bool, thr: float, mask: Opt
     excl = thr != float("inf")
     launch(_stats_kernel, stats_grid(nb, bs), x, mask if mask is not None else x, pmin, pmax, n, bs, nb, nchunks,
            float(thr) if excl else 0.0,
-           HAS_MASK=mask is not None, EXCL=excl, SYM=symmetric, ROWS=rows, COLS=cols, enable_fp_fusion=False)
+           HAS_MASK=mask is not None, EXCL=excl, SYM=symmetric, ROWS=rows, COLS=cols)
     return reduce_partials(pmin, pmax, nb, nchunks, symmetric)
 
 
@@ -93,7 +93,7 @@ def quantize_pack(x: torch.Tensor, bs: int, bits: int, scale: torch.Tensor, zero
     ngroups = -(-n // 8)
     out = torch.empty(packed_bytes(n, bits), dtype=torch.uint8, device=x.device)
     launch(_pack_kernel, group_grid(ngroups), x, scale, zero if zero is not None else scale, out,
-           n, bs, ngroups, BITS=bits, SYM=zero is None, G=_G, ALIGNED=bs % 8 == 0, enable_fp_fusion=False)
+           n, bs, ngroups, BITS=bits, SYM=zero is None, G=_G, ALIGNED=bs % 8 == 0)
     return out
 
 
@@ -102,7 +102,7 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.T
     out = torch.empty(n, dtype=dtype, device=packed.device)
     ngroups = -(-n // 8)
     launch(_dequant_kernel, group_grid(ngroups), packed, scale, zero if zero is not None else scale, out,
-           n, bs, ngroups, BITS=bits, SYM=zero is None, G=_G, ALIGNED=bs % 8 == 0, enable_fp_fusion=False)
+           n, bs, ngroups, BITS=bits, SYM=zero is None, G=_G, ALIGNED=bs % 8 == 0)
     return out
 
 
@@ -113,10 +113,10 @@ def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, z
     y = torch.empty(M, N, device=x.device, dtype=torch.float32)
     BM = 16 if M <= 16 else 64
     BN, BK = 64, 32
-    # no contraction: the unpacked tile must equal what dequantize returns (c * s, then + z)
+    # (launch turns contraction off: the unpacked tile must equal what dequantize returns, c * s then + z)
     launch(_dq_matmul_kernel, matmul_grid(M, N, BM, BN), x, packed, scale, zero if zero is not None else scale, y,
            M, N, K, bs, packed.numel(), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-           BITS=bits, SYM=zero is None, W_F32=x.dtype == torch.float32, BM=BM, BN=BN, BK=BK, enable_fp_fusion=False)
+           BITS=bits, SYM=zero is None, W_F32=x.dtype == torch.float32, BM=BM, BN=BN, BK=BK)
     return y
 
 

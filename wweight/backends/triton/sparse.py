@@ -103,7 +103,7 @@ def rescale_stats(xs, base, plan, norm):
                _ptr_table(xs), ref, plan.kp, plan.tie_offsets, plan.density, part, n, nblocks,
                plan.seed_lo, plan.seed_hi, plan.stream0, NORM=NORM_CODES[norm], MODE=plan.mode,
                HAS_TIES=plan.has_ties, HAS_BASE=base is not None, ROUND16=_round16(ref.dtype),
-               ALIGNED=aligned(*xs, base), BLK=BLOCK, enable_fp_fusion=False)
+               ALIGNED=aligned(*xs, base), BLK=BLOCK)
     return reduce_norm_partials(part, norm)
 
 
@@ -116,12 +116,11 @@ def merge(xs, base, out, plan, weights, scales, lam, divisor_nc, consensus, norm
     if n == 0:
         return flags
     nblocks = triton.cdiv(n, BLOCK)
+    # launch() compiles without FMA contraction: mergekit rounds the product and the sum separately
     launch(_merge_kernel, block_grid(n),
            _ptr_table(xs), ref, out, plan.kp, plan.tie_offsets, plan.density, weights, scales, flags,
            n, nblocks, plan.seed_lo, plan.seed_hi, plan.stream0, float(lam), float(divisor_nc),
            K=K, MODE=plan.mode, HAS_TIES=plan.has_ties, CONSENSUS=consensus, NORMALIZE=normalize,
            APPLY_LAMBDA=lam != 1, HAS_BASE=base is not None, SPARSIFY_ONLY=sparsify_only,
-           ROUND16=_round16(ref.dtype, round16), ALIGNED=aligned(*xs, base, out), BLK=BLOCK,
-           # no FMA contraction: mergekit rounds the product and the sum separately
-           enable_fp_fusion=False)
+           ROUND16=_round16(ref.dtype, round16), ALIGNED=aligned(*xs, base, out), BLK=BLOCK)
     return flags
