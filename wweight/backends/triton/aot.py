@@ -225,7 +225,15 @@ def run(families=("sparse", "quant", "iso"), jobs=None) -> dict:
     tasks.sort(key=lambda t: (t[0]["kernel"] != "_merge_kernel", t[1]))
     with cf.ProcessPoolExecutor(jobs) as ex:
         rows = list(ex.map(_compile_task, tasks))
-    return {"rows": rows, "launches": len(entries), "distinct": len(uniq), "seconds": round(time.time() - t0, 1)}
+    import platform
+
+    import triton
+    import torch
+
+    env = {"triton": triton.__version__, "torch": torch.__version__, "python": platform.python_version(),
+           "host": f"{platform.machine()} x{os.cpu_count()}", "device": "none (ahead-of-time, GPUTarget cuda 90/80)"}
+    return {"rows": rows, "launches": len(entries), "distinct": len(uniq), "seconds": round(time.time() - t0, 1),
+            "env": env}
 
 
 def _compile_task(task):
@@ -237,6 +245,7 @@ def markdown(result) -> str:
     lines = ["# Triton kernels compiled for sm_90 / sm_80 ahead of time (no GPU)\n",
              f"{result['launches']} recorded launches, {result['distinct']} distinct specialisations, "
              f"{result['seconds']} s. Static facts of the compiled code, not GPU timings.\n",
+             "Environment: " + ", ".join(f"{k} {v}" for k, v in result.get("env", {}).items()) + "\n",
              "| kernel | arch | modes | ok | regs | spills (local B) | widest ld/st (B) | approx div | float FMA |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(result["rows"], key=lambda r: (r["family"], r["kernel"], r["arch"], r["modes"])):
