@@ -354,14 +354,16 @@ void run_batch(uintptr_t cost, int64_t B, int64_t n, int64_t m, uintptr_t col, u
         Work w;
 #pragma omp for schedule(dynamic)
         for (int64_t b = 0; b < B; ++b) {
-            int64_t* sb = st + b * ST_N;
-            for (int k = 0; k < ST_N; ++k) sb[k] = 0;
+            // counters in a local copy: neighbouring problems' rows of ``stats`` share cache lines, and
+            // threads bumping them in the inner loops would false-share on every step
+            int64_t sb[ST_N] = {0, 0, 0};
             if (n == 0) {
                 for (int64_t j = 0; j < m; ++j) vv[b * m + j] = 0.0;
                 ss[b] = SOLVED;
-                continue;
+            } else {
+                ss[b] = solve(c + b * n * m, n, m, cl + b * n, uu + b * n, vv + b * m, w, sb);
             }
-            ss[b] = solve(c + b * n * m, n, m, cl + b * n, uu + b * n, vv + b * m, w, sb);
+            for (int k = 0; k < ST_N; ++k) st[b * ST_N + k] = sb[k];
         }
     }
 }
