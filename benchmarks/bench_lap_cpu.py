@@ -39,6 +39,14 @@ def _median_time(fn, reps):
     return statistics.median(times), out
 
 
+def _loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def _machine():
     model, cores = platform.processor() or platform.machine(), os.cpu_count()
     try:
@@ -50,6 +58,18 @@ def _machine():
     except (OSError, subprocess.SubprocessError):
         pass
     return model, cores
+
+
+def _matmul_scaling():
+    """The machine's own 1 -> 2 thread speedup on a compute-bound kernel (torch float64 matmul), measured in
+    the same run: on a shared VM the second core is often busy, which caps any batch speedup."""
+    a = torch.rand(1024, 1024, dtype=torch.float64)
+    prev, out = torch.get_num_threads(), {}
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        out[t] = _median_time(lambda: a @ a, 5)[0]
+    torch.set_num_threads(prev)
+    return out[1] / out[2]
 
 
 def run(quick=False, reps=5, seed=0):
@@ -75,6 +95,8 @@ def run(quick=False, reps=5, seed=0):
         t_ww, (col, _, _, status) = _median_time(lambda: cp.lap_solve(cost), r)
         t_sp, sp_out = _median_time(lambda: [sp_lsa(a[b]) for b in range(B)], r)
         t_lap = _median_time(lambda: [lap.lapjv(a[b]) for b in range(B)], r)[0] if lap is not None else None
+        # a batch on one thread too: the machine's parallel scaling is part of the result
+        t_ww1 = _median_time(lambda: cp.lap_solve(cost, threads=1), r)[0] if B > 1 else t_ww
         assert (status == 0).all()
         got = np.take_along_axis(a, col.numpy()[:, :, None], 2)[:, :, 0].sum(1)
         ref = np.array([a[b][rc[0], rc[1]].sum() for b, rc in enumerate(sp_out)])
@@ -83,13 +105,16 @@ def run(quick=False, reps=5, seed=0):
         rows.append({"problem": f"{n}x{n}" if B == 1 else f"{B} x {n}x{n}", "B": B, "n": n,
                      "wweight_s": t_ww, "scipy_s": t_sp, "lapjv_s": t_lap,
                      "vs_scipy": t_sp / t_ww, "vs_lapjv": (t_lap / t_ww) if t_lap else None,
+                     "wweight_1thread_s": t_ww1, "parallel_speedup": t_ww1 / t_ww,
                      "value_rel_err": err, "reps": r,
                      "threads": 1 if B == 1 else int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))})
         print(f"{rows[-1]['problem']:>16}: wweight {t_ww:.4f} s  scipy {t_sp:.4f} s  lapjv "
               f"{t_lap if t_lap is None else round(t_lap, 4)} s  -> {t_sp / t_ww:.2f}x scipy", flush=True)
+    scaling = _matmul_scaling()
     model, cores = _machine()
     env = {"machine": f"{model}, {cores} cores", "scipy": scipy.__version__, "numpy": np.__version__,
-           "lap": getattr(lap, "__version__", "absent"), "torch": torch.__version__, "targets": TARGETS}
+           "lap": getattr(lap, "__version__", "absent"), "torch": torch.__version__, "targets": TARGETS,
+           "machine_2thread_matmul_speedup": round(scaling, 2), "loadavg_at_end": _loadavg()}
     return rows, env
 
 
@@ -102,7 +127,7 @@ def main(argv=None):
     md = write_results("lap", "cpu", rows, extra=env, tag="cpu-quick" if args.quick else "cpu",
                        title="Exact LAP on CPU (wweight C++ LAPJV vs scipy vs lap.lapjv)",
                        columns=["problem", "wweight_s", "scipy_s", "lapjv_s", "vs_scipy", "vs_lapjv", "threads",
-                                "value_rel_err"])
+                                "wweight_1thread_s", "parallel_speedup", "value_rel_err"])
     print(md)
     return 0
 

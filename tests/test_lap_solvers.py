@@ -17,7 +17,7 @@ from wweight.backends.cpu import permute as cp
 
 pytestmark = pytest.mark.skipif(not cp.available(), reason="wweight._cpu is not built or has no lap_solve")
 
-SOLVERS = {"jv": cp.lap_solve, "block": lambda c: cp.lap_solve_block_model(c, threads=32)}
+SOLVERS = {"jv": cp.lap_solve, "block": lambda c: cp.lap_solve_block_model(c, block_threads=32)}
 
 
 def scipy_value(a):
@@ -167,10 +167,18 @@ def test_block_model_independent_of_thread_count():
     rng = np.random.default_rng(5)
     for a in (rng.random((6, 40, 55)), rng.integers(0, 3, (6, 40, 40)).astype(np.float64)):
         t = torch.from_numpy(a)
-        outs = [cp.lap_solve_block_model(t, threads=T) for T in (1, 7, 32, 128, 512)]
+        outs = [cp.lap_solve_block_model(t, block_threads=T) for T in (1, 7, 32, 128, 512)]
         for o in outs[1:]:
             for x, y in zip(outs[0], o):
                 assert torch.equal(x, y)
+
+
+def test_batch_result_independent_of_openmp_threads():
+    t = torch.rand((40, 30, 45), dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for f in (cp.lap_solve, cp.lap_solve_block_model):
+        one, two = f(t, threads=1), f(t, threads=2)
+        for x, y in zip(one, two):
+            assert torch.equal(x, y)
 
 
 def test_empty_and_trivial_batches():
@@ -191,8 +199,10 @@ def test_bad_input_names_the_argument():
         cp.lap_solve(good[0])
     with pytest.raises(ValueError, match="contiguous"):
         cp.lap_solve(torch.zeros((1, 3, 4), dtype=torch.float64)[:, :, :3])
+    with pytest.raises(ValueError, match="block_threads"):
+        cp.lap_solve_block_model(good, block_threads=0)
     with pytest.raises(ValueError, match="threads"):
-        cp.lap_solve_block_model(good, threads=0)
+        cp.lap_solve(good, threads=-1)
 
 
 def test_missing_extension_function_raises(monkeypatch):
@@ -213,7 +223,7 @@ def test_cuda_selftest_passes_on_the_cpu_model():
     # a wrong self-test would disable a good kernel on the first GPU run: it must pass on the model
     from wweight.backends.cuda import permute as gp
 
-    model = types.SimpleNamespace(lap_solve=lambda c: cp.lap_solve_block_model(c, threads=64))
+    model = types.SimpleNamespace(lap_solve=lambda c: cp.lap_solve_block_model(c, block_threads=64))
     assert gp.selftest(torch.device("cpu"), prims=model)
     broken = types.SimpleNamespace(lap_solve=lambda c: tuple(
         x.flip(-1) if i == 0 else x for i, x in enumerate(cp.lap_solve(c))))

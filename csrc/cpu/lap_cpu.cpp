@@ -340,8 +340,10 @@ void check_shape(int64_t B, int64_t n, int64_t m) {
 
 template <typename Solve>
 void run_batch(uintptr_t cost, int64_t B, int64_t n, int64_t m, uintptr_t col, uintptr_t u, uintptr_t v,
-               uintptr_t status, uintptr_t stats, Solve&& solve) {
+               uintptr_t status, uintptr_t stats, int threads, Solve&& solve) {
     check_shape(B, n, m);
+    if (threads < 0) throw std::invalid_argument("lap: threads must be >= 0 (0: the OpenMP default)");
+    const int nt = threads > 0 ? threads : omp_get_max_threads();
     const double* c = reinterpret_cast<const double*>(cost);
     int64_t* cl = reinterpret_cast<int64_t*>(col);
     double* uu = reinterpret_cast<double*>(u);
@@ -349,7 +351,7 @@ void run_batch(uintptr_t cost, int64_t B, int64_t n, int64_t m, uintptr_t col, u
     int32_t* ss = reinterpret_cast<int32_t*>(status);
     int64_t* st = reinterpret_cast<int64_t*>(stats);
     py::gil_scoped_release nogil;
-#pragma omp parallel if (B > 1)
+#pragma omp parallel if (B > 1) num_threads(nt)
     {
         Work w;
 #pragma omp for schedule(dynamic)
@@ -369,28 +371,30 @@ void run_batch(uintptr_t cost, int64_t B, int64_t n, int64_t m, uintptr_t col, u
 }
 
 void lap_solve(uintptr_t cost, int64_t B, int64_t n, int64_t m, uintptr_t col, uintptr_t u, uintptr_t v,
-               uintptr_t status, uintptr_t stats) {
-    run_batch(cost, B, n, m, col, u, v, status, stats,
+               uintptr_t status, uintptr_t stats, int threads) {
+    run_batch(cost, B, n, m, col, u, v, status, stats, threads,
               [](const double* c, int64_t n, int64_t m, int64_t* r, double* u, double* v, Work& w, int64_t* st) {
                   return jv_solve(c, n, m, r, u, v, w, st);
               });
 }
 
 void lap_solve_block_model(uintptr_t cost, int64_t B, int64_t n, int64_t m, uintptr_t col, uintptr_t u,
-                           uintptr_t v, uintptr_t status, uintptr_t stats, int threads) {
-    if (threads < 1) throw std::invalid_argument("lap_solve_block_model: threads must be >= 1");
+                           uintptr_t v, uintptr_t status, uintptr_t stats, int block_threads, int threads) {
+    if (block_threads < 1) throw std::invalid_argument("lap_solve_block_model: block_threads must be >= 1");
     if (m >= (int64_t(1) << 30)) throw std::invalid_argument("lap_solve_block_model: m must be < 2**30");
-    run_batch(cost, B, n, m, col, u, v, status, stats,
-              [threads](const double* c, int64_t n, int64_t m, int64_t* r, double* u, double* v, Work&,
-                        int64_t* st) { return block_model_solve(c, n, m, r, u, v, threads, st); });
+    run_batch(cost, B, n, m, col, u, v, status, stats, threads,
+              [block_threads](const double* c, int64_t n, int64_t m, int64_t* r, double* u, double* v, Work&,
+                              int64_t* st) { return block_model_solve(c, n, m, r, u, v, block_threads, st); });
 }
 
 }  // namespace
 
 void register_lap_cpu(py::module_& m) {
     m.def("lap_solve", &lap_solve,
-          "LAPJV on a (B, n, m) float64 batch, n <= m: (cost, B, n, m, col, u, v, status, stats) raw pointers");
+          "LAPJV on a (B, n, m) float64 batch, n <= m: (cost, B, n, m, col, u, v, status, stats) raw pointers, "
+          "then OpenMP threads (0: default)");
     m.def("lap_solve_block_model", &lap_solve_block_model,
-          "the CUDA kernel's SAP run serially (same arguments as lap_solve, then threads)");
+          "the CUDA kernel's SAP run serially: lap_solve's arguments, then the block's thread count, then OpenMP "
+          "threads");
     m.attr("LAP_STATS") = py::make_tuple("augmentations", "arr_steps", "dijkstra_steps");
 }

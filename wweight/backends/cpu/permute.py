@@ -54,8 +54,11 @@ def _check(cost: torch.Tensor) -> Tuple[int, int, int]:
     return B, n, m
 
 
-def _run(fn_name: str, cost: torch.Tensor, *extra):
+def _run(fn_name: str, cost: torch.Tensor, threads, *extra):
     B, n, m = _check(cost)
+    threads = 0 if threads is None else int(threads)
+    if threads < 1 and threads != 0:
+        raise ValueError(f"threads must be >= 1 (or None: the OpenMP default), got {threads}")
     ext = _ext()
     col = torch.full((B, n), -1, dtype=torch.int64)
     u = torch.zeros((B, n), dtype=torch.float64)
@@ -64,7 +67,7 @@ def _run(fn_name: str, cost: torch.Tensor, *extra):
     counts = torch.zeros((B, 3), dtype=torch.int64)
     if B:
         getattr(ext, fn_name)(cost.data_ptr(), B, n, m, col.data_ptr(), u.data_ptr(), v.data_ptr(),
-                              status.data_ptr(), counts.data_ptr(), *extra)
+                              status.data_ptr(), counts.data_ptr(), *extra, threads)
     tot = counts.sum(0).tolist()
     stats["problems"] += B
     stats["augmentations"] += tot[0]
@@ -75,8 +78,9 @@ def _run(fn_name: str, cost: torch.Tensor, *extra):
     return col, u, v, status
 
 
-def lap_solve(cost: torch.Tensor):
-    """LAPJV on a batch: cost (B, n, m) float64 CPU, n <= m, minimised.
+def lap_solve(cost: torch.Tensor, threads=None):
+    """LAPJV on a batch: cost (B, n, m) float64 CPU, n <= m, minimised; ``threads``: OpenMP threads over
+    the batch (None: OpenMP's default, i.e. every core or OMP_NUM_THREADS).
 
     Returns ``(col, u, v, status)``: col (B, n) int64 (the column of each row), duals u (B, n) and
     v (B, m) float64 with ``u_i + v_j <= c_ij`` on finite entries (to float64 rounding), equality on
@@ -84,12 +88,13 @@ def lap_solve(cost: torch.Tensor):
     1 infeasible (no assignment of finite total; col / u / v are then partial), 2 gave up (not used
     by this solver: LAPJV always finishes).
     """
-    return _run("lap_solve", cost)
+    return _run("lap_solve", cost, threads)
 
 
-def lap_solve_block_model(cost: torch.Tensor, threads: int = 128):
-    """The CUDA kernel's block-synchronous SAP run serially (``threads`` column slices; the result does
-    not depend on it: the argmin order is total). Same arguments and results as :func:`lap_solve`."""
-    if int(threads) < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    return _run("lap_solve_block_model", cost, int(threads))
+def lap_solve_block_model(cost: torch.Tensor, block_threads: int = 128, threads=None):
+    """The CUDA kernel's block-synchronous SAP run serially (``block_threads`` column slices, as the
+    kernel's threads; the result does not depend on it: the argmin order is total). Otherwise as
+    :func:`lap_solve`."""
+    if int(block_threads) < 1:
+        raise ValueError(f"block_threads must be >= 1, got {block_threads}")
+    return _run("lap_solve_block_model", cost, threads, int(block_threads))
