@@ -137,6 +137,10 @@ int64_t augmenting_row_reduction(const double* c, int64_t m, int64_t nfree, int6
             } else if (i0 >= 0) {  // tie: take the second column instead
                 j1 = j2;
                 i0 = w.colsol[j1];
+                if (i0 >= 0) {  // both taken at equal cost: displacing only moves the tie (constant / tied
+                    w.freerows[nfree++] = i;  // costs churn through the budget); the shortest path settles it
+                    continue;
+                }
             }
             if (i0 >= 0) rowsol[i0] = -1;
             rowsol[i] = j1;
