@@ -114,7 +114,10 @@ def run(quick=False, reps=5, seed=0):
     model, cores = _machine()
     env = {"machine": f"{model}, {cores} cores", "scipy": scipy.__version__, "numpy": np.__version__,
            "lap": getattr(lap, "__version__", "absent"), "torch": torch.__version__, "targets": TARGETS,
-           "machine_2thread_matmul_speedup": round(scaling, 2), "loadavg_at_end": _loadavg()}
+           "machine_2thread_matmul_speedup": round(scaling, 2), "loadavg_at_end": _loadavg(),
+           "note": ("batch rows use OpenMP's default thread count (threads); wweight_1thread_s is the same call on "
+                    "one thread. parallel_speedup cannot exceed what the machine gives a second thread at the time: "
+                    "machine_2thread_matmul_speedup measures that on a compute-bound torch matmul in the same run")}
     return rows, env
 
 
