@@ -51,8 +51,9 @@ struct GridX {
     __device__ __forceinline__ void add(int* p, int v) { atomicAdd(p, v); }
 
     template <class P, class R, class F>
-    __device__ __forceinline__ void top2_each(int64_t count, P pred, R row_of, const double* __restrict__ sub, int len,
-                                              F f) {
+    // row_of(k) points into a / at (read-only for the whole kernel: __restrict__ lets it take the
+    // read-only cache); sub is price / pi, written between rounds, so never through that cache
+    __device__ __forceinline__ void top2_each(int64_t count, P pred, R row_of, const double* sub, int len, F f) {
         for (int64_t k = warp; k < count; k += nwarps) {
             if (!pred(k)) continue;                       // warp-uniform: one k per warp
             const double* __restrict__ row = row_of(k);
