@@ -11,6 +11,7 @@ namespace py = pybind11;
 
 void register_sparse(py::module_& m);
 void register_quant(py::module_& m);
+void register_lap_auction(py::module_& m);
 void register_lap(py::module_& m);
 
 PYBIND11_MODULE(_cuda, m) {
@@ -25,5 +26,6 @@ PYBIND11_MODULE(_cuda, m) {
     }, "the installed driver's CUDA version (0 without a driver)");
     register_sparse(m);
     register_quant(m);
+    register_lap_auction(m);
     register_lap(m);
 }

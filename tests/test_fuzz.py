@@ -134,3 +134,63 @@ def test_fuzz_linear_sum_assignment_matches_scipy():
         total = lambda rows, cols: float(c[torch.as_tensor(rows, dtype=torch.long),  # noqa: E731
                                            torch.as_tensor(cols, dtype=torch.long)].sum()) if len(rows) else 0.0
         assert len(r) == len(want_r) and math.isclose(total(r, cc), total(want_r, want_c), rel_tol=1e-6, abs_tol=1e-6)
+
+
+def _perm_mutations(p):
+    """Bad (and a few good) values for one permutation tensor ``p`` (n,)."""
+    return [p.tolist(), p.numpy(), p.float(), p.bool(), p.to(torch.int32), -p - 1, p + 1, p.unsqueeze(0), p[0],
+            torch.zeros_like(p), p.to("meta"), p.flip(0), torch.tensor([]), None, "x", 3, p.double(),
+            torch.cat([p, p]), p.to(torch.uint8), p.half(), p[:-1]]
+
+
+def test_fuzz_apply_permutation():
+    """Bad perms / params / specs are refused with an error naming the argument; good ones match the
+    plain-torch reference (``wweight.reference.permute``)."""
+    from wweight.permute import apply_permutation, mlp_spec, random_permutation
+    from wweight.reference.permute import apply_permutation_reference
+
+    g = torch.Generator().manual_seed(3)
+    spec = mlp_spec(["l0", "l1", "l2"])
+    sd = {"l0.weight": torch.randn(8, 4, generator=g), "l0.bias": torch.randn(8, generator=g),
+          "l1.weight": torch.randn(6, 8, generator=g), "l1.bias": torch.randn(6, generator=g),
+          "l2.weight": torch.randn(3, 6, generator=g), "l2.bias": torch.randn(3, generator=g)}
+    good = random_permutation(spec, sd, seed=1)
+    names = ("perms", "params", "spec")
+    outcomes = {"ok": 0, "refused": 0}
+    cases = [(spec, {**good, p: bad}, sd) for p in good for bad in _perm_mutations(good[p])]
+    bad_perms = (None, [], {"zz": good["P0"]}, {1: 2}, good.items(), {**good, "P9": good["P0"]})
+    bad_params = (None, {}, dict(list(sd.items())[:2]), {**sd, "l0.weight": torch.randn(9, 4)},
+                  {**sd, "l0.weight": [1.0]}, {**sd, "l0.weight": sd["l0.weight"].to("meta")})
+    cases += [(spec, bad, sd) for bad in bad_perms] + [(spec, good, bad) for bad in bad_params]
+    cases += [(bad, good, sd) for bad in (None, "mlp", {}, {"l0.weight": ("P0", None)})]
+    for sp, perms, params in cases:
+        def ref(sp=sp, perms=perms, params=params):
+            # the reference indexes with the perms as given: hand it int64 ones (what we convert to)
+            return apply_permutation_reference(sp, {k: v.long() for k, v in perms.items()}, params)
+        try:
+            got = apply_permutation(sp, perms, params)
+        except (ValueError, TypeError) as e:
+            assert any(n in str(e) for n in names), f"error names no argument: {type(e).__name__}: {e}"
+            outcomes["refused"] += 1
+            continue
+        want = ref()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (perms, params)
+        outcomes["ok"] += 1
+    assert outcomes["ok"] >= 4 and outcomes["refused"] >= 30, outcomes
+
+
+@pytest.mark.parametrize("builder,args", [
+    ("mlp_spec", (3,)), ("mlp_spec", ("ab",)), ("mlp_spec", ([1, 2],)), ("mlp_spec", ([],)),
+    ("cnn_spec", ("ab", ["l"])), ("cnn_spec", (["c"], None)), ("resnet_spec", (3,)), ("resnet_spec", ([1, -1],)),
+    ("resnet_spec", ([],)), ("gpt2_spec", ("x", 2, 4)), ("gpt2_spec", (2, 0, 4)), ("llama_spec", (2, 4, 3, 8)),
+    ("llama_spec", (None, 4, 2, 8))])
+def test_spec_builders_refuse_bad_arguments(builder, args):
+    import inspect
+
+    from wweight.permute import specs
+
+    fn = getattr(specs, builder)
+    params = list(inspect.signature(fn).parameters)
+    with pytest.raises((ValueError, TypeError)) as ei:
+        fn(*args)
+    assert any(p in str(ei.value) for p in params), str(ei.value)

@@ -32,8 +32,14 @@ class _Ctx:
     """Spec + resolved sizes for one params layout."""
 
     def __init__(self, spec: PermutationSpec, params: Mapping[str, torch.Tensor], name: str):
+        if not isinstance(spec, PermutationSpec):
+            raise TypeError(f"spec must be a wweight.permute.PermutationSpec (e.g. mlp_spec([...])), "
+                            f"got {type(spec).__name__}")
         self.spec = spec
         self.shapes = spec.perm_shapes(params, name)
+        for k in spec.axes_to_perm:
+            if params[k].device.type == "meta":
+                raise ValueError(f"{name}[{k!r}] is a meta tensor (no values): permutations need real weights")
         self.size = {p: s[-1] for p, s in self.shapes.items()}
         self.axis_len = {k: tuple(params[k].shape) for k in spec.axes_to_perm}
 
@@ -72,6 +78,8 @@ def _check_perms(ctx: _Ctx, perms, name: str, device, *, require_all: bool = Tru
             raise TypeError(f"{name}[{p!r}] must be an integer tensor, got {t.dtype}")
         if tuple(t.shape) != shp:
             raise ValueError(f"{name}[{p!r}] has shape {tuple(t.shape)}, expected {shp}")
+        if t.device.type == "meta":
+            raise ValueError(f"{name}[{p!r}] is a meta tensor (no values)")
         t = t.to(device=device, dtype=torch.long)
         s = shp[-1]
         srt = t.reshape(-1, s).sort(dim=1).values

@@ -36,12 +36,24 @@ ARCHITECTURES: Dict[str, str] = {
 }
 
 
+def _names(x, arg: str) -> List[str]:
+    """``x`` as a list of module names, or a TypeError naming ``arg`` (a bare str is one name per
+    character otherwise: refused)."""
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__iter__"):
+        raise TypeError(f"{arg} must be a sequence of module names (str), got {type(x).__name__}")
+    x = list(x)
+    bad = sorted({type(v).__name__ for v in x if not isinstance(v, str)})
+    if bad:
+        raise TypeError(f"{arg} must be module names (str), got {', '.join(bad)}")
+    return x
+
+
 def mlp_spec(layers: Sequence[str], *, bias: bool = True) -> PermutationSpec:
     """Linear layers ``layers`` (module names, input to output): perms ``P0 .. P{L-2}`` on the hidden units.
 
     E.g. ``mlp_spec(["0", "2", "4"])`` for ``wweight.examples.digits.make_mlp((128, 128))``.
     """
-    layers = list(layers)
+    layers = _names(layers, "layers")
     if len(layers) < 1:
         raise ValueError("layers must name at least one Linear layer")
     axes: Dict[str, tuple] = {}
@@ -72,7 +84,7 @@ def cnn_spec(convs: Sequence[str], linears: Sequence[str], *, norms: Optional[Se
     The first Linear's input axis is (channels x spatial) in flatten order, so it is nested:
     ``("P_conv{last}", None)`` moves whole spatial blocks with their channel.
     """
-    convs, linears = list(convs), list(linears)
+    convs, linears = _names(convs, "convs"), _names(linears, "linears")
     if norms is not None and len(norms) != len(convs):
         raise ValueError(f"norms must have one entry per conv ({len(convs)}), got {len(norms)}")
     if not convs or not linears:
@@ -113,6 +125,12 @@ def resnet_spec(blocks_per_stage: Sequence[int], *, stem: str = "conv1", stem_no
     Perms: ``P_res{s}`` per residual stream (shared by the stem when s = 1 and by every block of the
     stage), ``P_{s}_{b}`` inside each block.
     """
+    if isinstance(blocks_per_stage, (str, bytes)) or not hasattr(blocks_per_stage, "__iter__"):
+        raise TypeError(f"blocks_per_stage must be a sequence of block counts, got {type(blocks_per_stage).__name__}")
+    blocks_per_stage = list(blocks_per_stage)
+    if not blocks_per_stage or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                       for v in blocks_per_stage):
+        raise ValueError(f"blocks_per_stage must be positive ints, one per stage, got {blocks_per_stage}")
     axes: Dict[str, tuple] = {}
     blocks: List[tuple] = []
     for s, nb in enumerate(blocks_per_stage, start=1):

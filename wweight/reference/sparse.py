@@ -49,15 +49,49 @@ def _stable_desc(w: torch.Tensor) -> torch.Tensor:
     return torch.argsort(w, descending=True, stable=True)
 
 
+_NORM_BLOCK = 4096
+
+
+def fixed_order_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum()`` (a 0-d tensor of ``x.dtype``) whose value does not depend on the thread count.
+
+    torch splits a full reduction of a large tensor over its threads, so ``x.abs().sum()`` (what
+    mergekit computes for the l1/l2 rescale norms) can change in its last bits with
+    ``OMP_NUM_THREADS``; a last-bit change of the rescale factor moves many elements by one ulp.
+    Here rows of ``_NORM_BLOCK`` elements are summed in float64 (a reduction over dim 1 with >= 2
+    rows is parallelised over rows, each row summed in a fixed order) and the row sums are added
+    with ``math.fsum`` (correctly rounded, so their order does not matter), then rounded once to
+    ``x.dtype`` -- the same rounding point as mergekit's in-dtype sum.
+    """
+    import math
+
+    flat = x.reshape(-1).double()
+    n = flat.numel()
+    pad = (-n) % _NORM_BLOCK
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    parts = flat.view(-1, _NORM_BLOCK).sum(dim=1)  # one row (4096 < torch's parallel grain): one thread
+    return torch.tensor(math.fsum(parts.tolist()), dtype=torch.float64).to(x.dtype)
+
+
 def rescaled_masked_tensor(tensor: torch.Tensor, mask: torch.Tensor, norm: Optional[str],
-                           density: Optional[float] = None) -> torch.Tensor:
-    """mergekit's ``rescaled_masked_tensor`` (computed in ``tensor.dtype``)."""
+                           density: Optional[float] = None, fixed_order: bool = False) -> torch.Tensor:
+    """mergekit's ``rescaled_masked_tensor`` (computed in ``tensor.dtype``).
+
+    ``fixed_order``: the l1 / l2 norms by :func:`fixed_order_sum` (independent of the thread count;
+    the non-reference DELLA path) instead of torch's full reduction (mergekit's literal code)."""
     masked = tensor * mask
     if norm is None:
         return masked
     if norm == "density":
         return masked * torch.tensor(1.0 / density, dtype=tensor.dtype)
-    if norm == "l1":
+    if norm in ("l1", "l2") and fixed_order:
+        if norm == "l1":
+            before, after = fixed_order_sum(tensor.abs()), fixed_order_sum(masked.abs())
+        else:  # the sum of squares in float64, its square root rounded once to the dtype
+            before = fixed_order_sum(tensor.double().square()).sqrt().to(tensor.dtype)
+            after = fixed_order_sum(masked.double().square()).sqrt().to(tensor.dtype)
+    elif norm == "l1":
         before, after = tensor.abs().sum(), masked.abs().sum()
     elif norm == "l2":
         before, after = tensor.norm(), masked.norm()
@@ -136,7 +170,7 @@ def della_probabilities_ref(tensor: torch.Tensor, density: float, epsilon: float
     return p.reshape(tensor.shape)
 
 
-def della_magprune_ref(tensor, density, epsilon, rescale_norm=None, seed=0, stream=0):
+def della_magprune_ref(tensor, density, epsilon, rescale_norm=None, seed=0, stream=0, fixed_order=False):
     if density >= 1:
         return tensor.clone()
     if density <= 0:
@@ -147,11 +181,11 @@ def della_magprune_ref(tensor, density, epsilon, rescale_norm=None, seed=0, stre
     p = della_probabilities_ref(tensor, density, epsilon)
     u = philox_uniform(tensor.numel(), seed, stream, device=tensor.device).reshape(tensor.shape)
     mask = (u < p.float()).to(wd)
-    return rescaled_masked_tensor(tensor.to(wd), mask, rescale_norm, density).to(tensor.dtype)
+    return rescaled_masked_tensor(tensor.to(wd), mask, rescale_norm, density, fixed_order).to(tensor.dtype)
 
 
 def sparsify_ref(tensor, density, method="magnitude", gamma=GAMMA.default, epsilon=EPSILON.default, rescale_norm=None,
-                 seed=0, stream=0):
+                 seed=0, stream=0, fixed_order=False):
     if tensor.numel() == 0:   # nothing to keep or rescale (norms of an empty tensor would fail)
         return tensor.clone()
     if method == "magnitude":
@@ -161,7 +195,7 @@ def sparsify_ref(tensor, density, method="magnitude", gamma=GAMMA.default, epsil
     if method == "magnitude_outliers":
         return magnitude_outliers_ref(tensor, density, rescale_norm, gamma)
     if method == "della_magprune":
-        return della_magprune_ref(tensor, density, epsilon, rescale_norm, seed, stream)
+        return della_magprune_ref(tensor, density, epsilon, rescale_norm, seed, stream, fixed_order)
     raise NotImplementedError(method)
 
 
@@ -176,7 +210,8 @@ def get_mask_ref(delta: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
 def task_arithmetic_family_ref(method: str, base: torch.Tensor, tensors: Sequence[torch.Tensor],
                                weights: Sequence[float], density: Sequence[float], gamma: Sequence[float],
                                epsilon: Sequence[float], lambda_: float = 1.0, normalize: Optional[bool] = None,
-                               rescale: Optional[bool] = None, seed: int = 0) -> torch.Tensor:
+                               rescale: Optional[bool] = None, seed: int = 0,
+                               fixed_order: bool = False) -> torch.Tensor:
     """mergekit's ``GeneralizedTaskArithmeticMerge.merge_group`` for one tensor.
 
     Per-model lists ``weights``, ``density``, ``gamma``, ``epsilon``; model ``t``'s random mask
@@ -192,7 +227,8 @@ def task_arithmetic_family_ref(method: str, base: torch.Tensor, tensors: Sequenc
         delta = t - base
         if sparsification:
             delta = sparsify_ref(delta, density[i], sparsification, gamma=gamma[i], epsilon=epsilon[i],
-                                 rescale_norm="l1" if rescale else None, seed=seed, stream=i)
+                                 rescale_norm="l1" if rescale else None, seed=seed, stream=i,
+                                 fixed_order=fixed_order)
         deltas[i] = delta
     w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
     while deltas.dim() > w.dim():

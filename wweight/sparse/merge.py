@@ -72,8 +72,9 @@ def _merge_impl(method: str, base: Optional[torch.Tensor], tensors: List[torch.T
         return fused.linear(primitives(name), tensors, weights, normalize)
     if name == "reference" or m.sparsification == "della_magprune":
         check_finite([*tensors, base], fused.input_names(K))
+        # DELLA (no fused path) runs the reference with thread-count independent norms
         return ref.task_arithmetic_family_ref(method, base, tensors, weights, density, gamma, epsilon, lambda_,
-                                              normalize, rescale, seed)
+                                              normalize, rescale, seed, fixed_order=name != "reference")
     return fused.task_arithmetic(primitives(name), m.consensus, m.sparsification, base, tensors, weights, density,
                                  gamma, lambda_, normalize, rescale, seed)
 

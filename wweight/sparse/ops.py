@@ -127,7 +127,8 @@ def sparsify_impl(x: torch.Tensor, density: float, method: str, gamma: float, ep
                   rescale_norm: Optional[str], seed: int, stream: int, name: str) -> torch.Tensor:
     if name == "reference" or method == "della_magprune":
         # DELLA ranks every row with a sort (as mergekit); no fused path.
-        out = ref.sparsify_ref(x, density, method, gamma, epsilon, rescale_norm, seed, stream)
+        out = ref.sparsify_ref(x, density, method, gamma, epsilon, rescale_norm, seed, stream,
+                               fixed_order=name != "reference")
         check_finite([x], ["tensor"])
         return out
     return fused.sparsify(primitives(name), x, density, method, gamma, rescale_norm, seed, stream)
