@@ -242,7 +242,10 @@ def test_cuda_glue_routes_large_problems_to_the_auction(monkeypatch):
     monkeypatch.setattr(gp, "_check", lambda c: tuple(c.shape))
     assert getattr(gp.lap_solve, "device_guarded", False)
     gp.lap_solve(torch.zeros((3, 8, 8), dtype=torch.float64))
-    gp.lap_solve(torch.zeros((2, 8, 100), dtype=torch.float64))       # no auction module: global scratch
+    # no auction module (an ImportError): the kernel runs with its column state in global scratch
+    monkeypatch.setitem(sys.modules, "wweight.backends.cuda.lap_auction", None)
+    assert gp._auction() is None
+    gp.lap_solve(torch.zeros((2, 8, 100), dtype=torch.float64))
     fake = types.ModuleType("wweight.backends.cuda.lap_auction")
     fake.auction_lap_solve = lambda c: calls.append(("auction", c.shape[0])) or "auction result"
     monkeypatch.setitem(sys.modules, "wweight.backends.cuda.lap_auction", fake)
