@@ -12,6 +12,7 @@ namespace py = pybind11;
 void register_sparse(py::module_& m);
 void register_quant(py::module_& m);
 void register_lap_auction(py::module_& m);
+void register_lap(py::module_& m);
 
 PYBIND11_MODULE(_cuda, m) {
     m.doc() = "wweight CUDA kernels (raw-pointer pybind11 bindings)";
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_cuda, m) {
     register_sparse(m);
     register_quant(m);
     register_lap_auction(m);
+    register_lap(m);
 }

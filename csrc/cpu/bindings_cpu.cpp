@@ -8,12 +8,14 @@ namespace py = pybind11;
 
 void register_sparse_cpu(py::module_& m);
 void register_lap_auction_cpu(py::module_& m);
+void register_lap_cpu(py::module_& m);
 
 PYBIND11_MODULE(_cpu, m) {
     m.doc() = "wweight CPU kernels (C++/OpenMP, raw-pointer pybind11 bindings)";
     wweight::export_constants(m);
     register_sparse_cpu(m);
     register_lap_auction_cpu(m);
+    register_lap_cpu(m);
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else

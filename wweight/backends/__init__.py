@@ -33,8 +33,22 @@ Every module of a family has the same functions (the family's backend contract):
 ``iso`` (torch, triton): ``task_vectors(base, finetuned, each, total, bad, dtype)`` fills the task
 vectors, their sum and a per-task NaN/Inf count.
 
-``permute`` (torch): ``solve_square_max(benefit)`` -> (col, certified) for (B, n, n) benefits;
-``stats`` counts its work.
+``permute``:
+
+* torch: ``solve_square_max(benefit)`` -> (col, certified) for (B, n, n) benefits (the auction);
+* cpu, cuda: ``lap_solve(cost)`` -> (col, u, v, status), exact shortest augmenting paths (cpu:
+  LAPJV, ``csrc/cpu/lap_cpu.cpp``; cuda: one thread block per problem, ``csrc/lap.cu``). ``cost`` is a
+  (B, n, m) contiguous float64 tensor on the backend's device with n <= m (the caller transposes),
+  minimised; +inf entries are forbidden pairs; no NaN / -inf (the caller checks). col (B, n) int64
+  is the column of each row; u (B, n) and v (B, m) float64 are duals with ``u_i + v_j <= c_ij`` on
+  every finite entry (to float64 rounding), equality on the assignment, ``v <= 0`` and ``v == 0`` on
+  unassigned columns (the rectangular LP dual), so one O(nm) pass certifies optimality; status (B,)
+  int32: 0 solved, 1 infeasible (no assignment of finite total), 2 gave up (the caller falls back to
+  scipy). CUDA: everything stays on the device (no host sync; the caller reads status). The cpu
+  module also has ``available()`` (False: ``lap_solve`` raises RuntimeError) and
+  ``lap_solve_block_model(cost, threads)``, the CUDA kernel's algorithm run serially (CI tests it);
+
+each module's ``stats`` dict counts its work (problems, augmentations, fallbacks, ...).
 
 A CUDA glue module also exports ``SELFTESTS = {kernel set: fn(device) -> bool}``: run the first time
 the kernel set is picked on a device, against the reference; a failure disables those kernels.
