@@ -6,7 +6,7 @@
   n = 256 ... 4096 (11008 with ``--device cuda``; quick: 256, 512) and batches of 1,024 x 128x128 and
   256 x 64x64 (quick: the latter). Solvers: wweight ``auto`` (its dispatch), the C++ LAPJV (``backend="cpu"``,
   when the ``_cpu`` extension has it), the torch auction (``method="auction"``; on CPU tensors only up to
-  n = 512 and 256 x 64x64: it is the CPU model of a GPU solver, minutes beyond), scipy (a loop), ``lap.lapjv``
+  n = 1024 and 256 x 64x64: it is the CPU model of a GPU solver, minutes beyond), scipy (a loop), ``lap.lapjv``
   (a loop; square costs, so ``extend_cost`` is not needed) and, with ``--device cuda``, the GPU peers
   ``torch_linear_assignment`` / ``torch_lap_cuda`` (imported if installed, else recorded as not installed).
   Every wweight answer's optimal value is compared with scipy's (exactly rounded sums, 1e-12 relative);
@@ -33,7 +33,7 @@ import torch
 from benchmarks.common import bench, sync, write_results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_AUCTION_CPU_MAX = 512 * 512  # elements per problem x problems: beyond, the torch auction on CPU takes minutes
+_AUCTION_CPU_MAX = 256 * 64 * 64  # problems x n^2: beyond, the torch auction on CPU tensors takes minutes
 
 
 def _values(cost_np, cols):

@@ -341,3 +341,36 @@ def test_custom_op_fake_shapes():
         c = torch.empty(4, 7, 5, dtype=torch.float64)
         r, cc, st = lap_op._lap_op(c, True, "torch", "auto")
     assert r.shape == (4, 5) and cc.shape == (4, 5) and r.dtype == torch.long and st.shape == (4,)
+
+
+def test_dispatch_runs_a_lap_solve_backend_and_certifies_it(monkeypatch):
+    """CPU auto picks a cpu module speaking lap_solve when it is available() (here a stand-in returning
+    Hungarian duals), certifies its answers without scipy; a module without lap_solve / unavailable -> scipy."""
+    import types
+
+    from wweight import _dispatch
+
+    calls = []
+
+    def lap_solve(c):
+        calls.append(tuple(c.shape))
+        out = [hungarian_duals(x) for x in c.numpy()]
+        col, u, v = (torch.tensor(np.stack(z)) for z in zip(*out))
+        return col, u, v, torch.zeros(c.shape[0], dtype=torch.int32)
+
+    fake = types.SimpleNamespace(lap_solve=lap_solve, available=lambda: True, stats={})
+    real = _dispatch.backend_module
+    monkeypatch.setattr(_dispatch, "backend_module", lambda fam, name: fake if name == "cpu" else real(fam, name))
+    g = torch.Generator().manual_seed(9)
+    cost = torch.rand(3, 12, 7, generator=g, dtype=torch.float64)
+    before = dict(lap_op.stats)
+    r, c = wweight.linear_sum_assignment(cost, maximize=True)
+    _check(cost, True, r, c)
+    assert calls == [(3, 7, 12)]                                  # transposed, n <= m, minimised
+    assert lap_op.stats["cpu"] - before["cpu"] == 3 and lap_op.stats["certified"] - before["certified"] == 3
+    assert lap_op.stats["fallbacks"] == before["fallbacks"]
+    fake.available = lambda: False
+    wweight.linear_sum_assignment(cost)
+    assert len(calls) == 1 and lap_op.stats["scipy"] - before["scipy"] == 3
+    with pytest.raises(RuntimeError, match="C\\+\\+ CPU extension has no LAP solver"):
+        wweight.linear_sum_assignment(cost, backend="cpu")

@@ -123,6 +123,7 @@ def _pick(dev: torch.device, want: str, method: str):
     if want == "cuda":
         if dev.type != "cuda":
             raise RuntimeError(f"linear_sum_assignment: backend 'cuda' needs CUDA tensors, got device {dev}")
+        _dispatch.resolve("lap_solve", dev, "cuda", family="permute", has_triton=False)  # raises if not built
         mod = _module("cuda")
         if mod is None:
             raise RuntimeError("linear_sum_assignment: the CUDA extension has no LAP solver")
@@ -133,10 +134,12 @@ def _pick(dev: torch.device, want: str, method: str):
     if dev.type == "cpu":
         mod = _module("cpu") if want == "auto" else None
         return ("cpu", mod.lap_solve) if mod is not None else ("scipy", None)
-    if dev.type == "cuda":
-        mod = _module("cuda") if want == "auto" else None
-        if mod is not None:
-            return "cuda", mod.lap_solve
+    if dev.type == "cuda" and want == "auto":
+        # the kernel must be in the built extension and pass its one-off self-test (SELFTESTS["lap_solve"])
+        if _dispatch.resolve("lap_solve", dev, "auto", family="permute", has_triton=False) == "cuda":
+            mod = _module("cuda")
+            if mod is not None:
+                return "cuda", mod.lap_solve
     if method == "sap":
         return "scipy", None  # scipy's solver is a shortest augmenting path (Crouse 2016)
     mod = _module("torch")
