@@ -374,3 +374,24 @@ def test_dispatch_runs_a_lap_solve_backend_and_certifies_it(monkeypatch):
     assert len(calls) == 1 and lap_op.stats["scipy"] - before["scipy"] == 3
     with pytest.raises(RuntimeError, match="C\\+\\+ CPU extension has no LAP solver"):
         wweight.linear_sum_assignment(cost, backend="cpu")
+
+
+def test_constant_matrices_get_the_identity_whatever_the_solver(monkeypatch):
+    """scipy returns the identity on a constant matrix (its #11602 test); a solver that picks another (equally
+    optimal) assignment is overridden, square and rectangular, both orientations."""
+    def reverse(c):
+        B, n, m = c.shape
+        col = torch.arange(n - 1, -1, -1).repeat(B, 1)
+        return col, torch.zeros(B, n), torch.zeros(B, m), torch.zeros(B, dtype=torch.int32)
+
+    monkeypatch.setattr(lap_op, "_pick", lambda dev, want, method: ("auction", reverse))
+    for shape in ((8, 8), (3, 5), (5, 3)):
+        for mx in (False, True):
+            r, c = wweight.linear_sum_assignment(torch.full(shape, 2.5), maximize=mx)
+            r0, c0 = sp_lsa(np.full(shape, 2.5), maximize=mx)
+            assert r.tolist() == r0.tolist() and c.tolist() == c0.tolist()
+    cost = torch.full((2, 6, 6), 1.0)
+    cost[1, 0, 1] = 0.0                                   # not constant: the solver's answer is kept if optimal
+    r, c = wweight.linear_sum_assignment(cost)
+    assert c[0].tolist() == list(range(6))
+    _check(cost, False, r, c)

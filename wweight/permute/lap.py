@@ -153,6 +153,11 @@ def _solve_min(c: torch.Tensor, want: str, method: str) -> Tuple[torch.Tensor, t
     if solver is None:
         return _scipy_min(c)
     stats[label] += c.shape[0]
+    # a constant matrix gets the identity, as scipy guarantees (scipy #11602); another solver may pick
+    # any of the (all optimal) assignments
+    flat = c.flatten(1)
+    hi = flat.amax(1)
+    const = (hi == flat.amin(1)) & torch.isfinite(hi)
     if solver is _legacy_auction:
         col, status = _legacy_auction(c)
         certified = status == 0
@@ -160,6 +165,8 @@ def _solve_min(c: torch.Tensor, want: str, method: str) -> Tuple[torch.Tensor, t
         col, u, v, status = solver(c)
         col, status = col.to(torch.long), status.to(torch.int32)
         certified = (status == 0) & certify(c, col, u, v)
+    col = torch.where(const.unsqueeze(1), torch.arange(col.shape[1], device=col.device), col)
+    certified = certified | const
     redo = ~certified  # gave up, uncertified, or called infeasible (scipy confirms)
     n_redo = int(redo.sum())  # the one host read of the solve
     stats["certified"] += c.shape[0] - n_redo
