@@ -153,8 +153,12 @@ def hungarian_duals(c: np.ndarray):
 
 
 def _cert(c, col, u, v):
+    """The verdict of certify on one problem; its numpy (CPU) and torch (device) forms must agree."""
     t = lambda x, dt: torch.as_tensor(np.asarray(x), dtype=dt)[None]  # noqa: E731
-    return bool(certify(t(c, torch.float64), t(col, torch.long), t(u, torch.float64), t(v, torch.float64))[0])
+    args = (t(c, torch.float64), t(col, torch.long), t(u, torch.float64), t(v, torch.float64))
+    a, b = bool(certify(*args)[0]), bool(certify(*args, _force_torch=True)[0])
+    assert a == b
+    return a
 
 
 @pytest.mark.parametrize("shape", [(12, 12), (9, 16), (1, 5), (30, 30)])
@@ -230,9 +234,9 @@ def test_certify_batch_and_chunks(monkeypatch):
     args = (torch.tensor(np.stack(cs)), torch.tensor(np.stack(cols)), torch.tensor(np.stack(us)),
             torch.tensor(np.stack(vs)))
     want = [True, False, True, False, True]
-    assert certify(*args).tolist() == want
+    assert certify(*args).tolist() == want and certify(*args, _force_torch=True).tolist() == want
     monkeypatch.setattr(lc, "_CHUNK", 7)
-    assert certify(*args).tolist() == want
+    assert certify(*args).tolist() == want and certify(*args, _force_torch=True).tolist() == want
 
 
 def test_uncertified_answers_are_resolved_by_scipy_and_counted(monkeypatch):

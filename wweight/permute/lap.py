@@ -156,8 +156,12 @@ def _solve_min(c: torch.Tensor, want: str, method: str) -> Tuple[torch.Tensor, t
     # a constant matrix gets the identity, as scipy guarantees (scipy #11602); another solver may pick
     # any of the (all optimal) assignments
     flat = c.flatten(1)
-    hi = flat.amax(1)
-    const = (hi == flat.amin(1)) & torch.isfinite(hi)
+    if c.device.type == "cpu":  # numpy: no thread-pool wake-ups on small problems
+        a = flat.numpy()
+        hi, lo = torch.from_numpy(a.max(1)), torch.from_numpy(a.min(1))
+    else:
+        hi, lo = flat.amax(1), flat.amin(1)
+    const = (hi == lo) & torch.isfinite(hi)
     if solver is _legacy_auction:
         col, status = _legacy_auction(c)
         certified = status == 0
