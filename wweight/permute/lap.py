@@ -1,33 +1,29 @@
-"""Exact linear sum assignment (LAP), single and batched, on CPU and GPU tensors.
+"""Exact linear sum assignment (LAP): a drop-in for ``scipy.optimize.linear_sum_assignment``, batched, on any device.
 
-``linear_sum_assignment(cost, maximize=False)`` has the contract of
-``scipy.optimize.linear_sum_assignment``: ``cost`` is (n, m) (rectangular allowed), the result is
-``(row_ind, col_ind)`` of length ``min(n, m)`` with ``row_ind`` sorted, and the assignment is an
-exact optimum. A (B, n, m) stack is solved as B independent problems and returns (B, min(n, m))
-index tensors (e.g. one 128x128 problem per attention head).
+``linear_sum_assignment(cost_matrix, maximize=False)`` behaves like scipy's for every input scipy
+accepts or refuses, with the same exception types and messages (:mod:`.lap_contract` lists the steps):
+array-likes of any real / bool dtype, torch tensors on any device, ``maximize`` any truthy value, empty
+and 1 x n matrices, ``+inf`` as a forbidden pair (``-inf`` when maximising), ``ValueError("cost matrix
+is infeasible")`` when no finite assignment exists. Results: ``(row_ind, col_ind)`` int64 of length
+``min(n, m)``, ``row_ind`` sorted; numpy arrays unless the input is a torch tensor (then torch on its
+device). A 3-D ``(B, n, m)`` input is B independent problems: (B, min(n, m)) results, errors name the
+batch index.
 
-Solvers
--------
-* ``scipy``: ``scipy.optimize.linear_sum_assignment`` (a shortest-augmenting-path / LAPJV
-  variant, float64). The CPU path, and the fall-back everywhere.
-* ``auction``: a batched, vectorised Jacobi auction (Bertsekas, "The auction algorithm: a
-  distributed relaxation method for the assignment problem", 1988) with epsilon scaling, written in
-  plain torch so it runs on the GPU (and, for the tests, on CPU tensors):
-  ``wweight/backends/torch/permute.py``. All unassigned rows of
-  all B problems bid at once (one row-wise top-2 over ``benefit - price`` per round), every column
-  keeps its highest bid. Rectangular problems are padded with constant rows (exact: a constant row
-  adds the same amount to every assignment).
+Dispatch (every problem is solved as ``(B, r, c)`` float64, ``r <= c``, minimised, ``+inf`` forbidden):
 
-Why the auction result is exact: on integer costs an auction that ends with ``eps < 1/n`` is optimal
-(eps-complementary slackness bounds the gap by ``n * eps < 1``). Float costs are not integers, so
-instead every auction result is *certified*: from the final prices ``p`` we run the monotone price
-relaxation ``p[sigma(i)] <- a[i, sigma(i)] - max_j (a[i, j] - p[j])`` (Bellman-Ford on the
-assignment's residual graph) until every row's slack ``max_j(a_ij - p_j) - (a_{i,sigma(i)} -
-p_{sigma(i)})`` is within float64 rounding of zero. Such prices are an optimal dual solution
-(dual feasibility + complementary slackness), so ``sigma`` is optimal up to float64 rounding —
-the same precision scipy works at. If the relaxation does not converge (a negative cycle: the
-assignment is not optimal), the auction continues with a smaller eps, and if that runs out the
-problem is handed to scipy. A non-certified assignment is never returned.
+* CPU tensors / numpy: the C++ LAPJV of the ``cpu`` backend when ``available()``, else scipy;
+* CUDA tensors: the ``cuda`` backend (it picks batched shortest augmenting path or large-n auction),
+  else the torch auction;
+* ``method="auction"``: the torch backend's auction (any device); ``method="sap"``: the shortest
+  augmenting path solvers (C++ on CPU, CUDA on GPU; scipy where neither exists);
+  ``method="scipy"`` / ``backend="reference"``: scipy, one problem at a time.
+
+Exactness: every non-scipy answer is checked by :func:`.lap_certify.certify` from the solver's duals
+(one O(nm) pass on the device, one host read); a problem that fails it, that the solver gave up on, or
+that it called infeasible is re-solved by scipy (the reference; infeasibility is confirmed by it), and
+``stats["fallbacks"]`` counts the re-solves. A backend module that predates the ``lap_solve`` contract
+(no duals) is used through its own certificate (``solve_square_max``, square-padded, finite problems
+only), as before.
 """
 from __future__ import annotations
 
@@ -37,121 +33,188 @@ import numpy as np
 import torch
 
 from .. import _dispatch
+from .lap_certify import certify
+from .lap_contract import INFEASIBLE, as_cost, check_values, infeasible_error
 
-_METHODS = ("auto", "scipy", "auction")
+__all__ = ["linear_sum_assignment", "certify", "stats", "assignment_value"]
 
-
-# ----------------------------------------------------------------------------------------------
-# validation
-
-
-def _check_cost(cost) -> Tuple[torch.Tensor, bool]:
-    """Returns (tensor, was_numpy)."""
-    was_numpy = False
-    if isinstance(cost, np.ndarray):
-        was_numpy = True
-        if cost.dtype.kind not in "fiub":
-            raise TypeError(f"cost must be a real numeric array, got dtype {cost.dtype}")
-        cost = torch.from_numpy(np.ascontiguousarray(cost, dtype=np.float64))
-    if not isinstance(cost, torch.Tensor):
-        raise TypeError(f"cost must be a torch.Tensor or numpy.ndarray, got {type(cost).__name__}")
-    if cost.dtype.is_complex or cost.dtype == torch.bool:
-        raise TypeError(f"cost must be a real floating or integer tensor, got {cost.dtype}")
-    if cost.device.type == "meta":
-        raise ValueError("cost is a meta tensor (no values): linear_sum_assignment needs real costs")
-    if cost.dim() not in (2, 3):
-        raise ValueError(f"cost must be 2-D (n, m) or a 3-D batch (B, n, m), got shape {tuple(cost.shape)}")
-    if cost.numel() and cost.is_floating_point():
-        if cost.device.type == "cpu" and cost.dtype in (torch.float32, torch.float64):
-            arr = cost.detach().numpy()  # numpy: no thread-pool start-up on small CPU inputs
-            finite, has_nan = bool(np.isfinite(arr).all()), None
-            if not finite:
-                has_nan = bool(np.isnan(arr).any())
-        else:
-            finite = bool(torch.isfinite(cost).all())
-            has_nan = None if finite else bool(torch.isnan(cost).any())
-        if not finite:
-            raise ValueError(f"cost contains {'NaN' if has_nan else 'Inf'}: linear_sum_assignment needs finite costs")
-    return cost, was_numpy
+_METHODS = ("auto", "scipy", "auction", "sap")
+# counters since import (reset freely): problems solved per path, certificates, scipy re-solves
+stats = {"problems": 0, "scipy": 0, "cpu": 0, "cuda": 0, "auction": 0, "certified": 0, "fallbacks": 0,
+         "infeasible": 0}
 
 
 # ----------------------------------------------------------------------------------------------
-# scipy path (CPU, and the fall-back)
+# solvers on a minimised (B, r, c) float64 problem, r <= c
 
 
-def _scipy_batched(benefit: torch.Tensor) -> torch.Tensor:
-    """benefit (B, n, m) with n <= m, maximised. Returns col (B, n) int64 on benefit's device."""
+def _scipy_min(c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """scipy on each problem: (col (B, r) int64, status (B,) int32: 0 solved, 1 infeasible)."""
     from scipy.optimize import linear_sum_assignment as sp_lsa
 
-    a = benefit.detach().to("cpu", torch.float64).numpy()
-    out = np.empty(a.shape[:2], dtype=np.int64)
-    for b in range(a.shape[0]):
-        r, c = sp_lsa(a[b], maximize=True)
-        out[b, r] = c
-    return torch.from_numpy(out).to(benefit.device)
-
-
-def _scipy_direct(cost: torch.Tensor, maximize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """scipy on each (n, m) problem of a (B, n, m) stack, exactly its contract (rectangular included)."""
-    from scipy.optimize import linear_sum_assignment as sp_lsa
-
-    a = cost.detach().to("cpu").numpy() if cost.dtype in (torch.float32, torch.float64) else \
-        cost.detach().to("cpu", torch.float64).numpy()
-    B, n, m = a.shape
-    k = min(n, m)
-    rows = np.empty((B, k), dtype=np.int64)
-    cols = np.empty((B, k), dtype=np.int64)
+    a = c.detach().cpu().numpy()
+    B, r, _ = a.shape
+    col = np.zeros((B, r), dtype=np.int64)
+    status = np.zeros(B, dtype=np.int32)
     for b in range(B):
-        rows[b], cols[b] = sp_lsa(a[b], maximize=maximize)
-    return torch.from_numpy(rows).to(cost.device), torch.from_numpy(cols).to(cost.device)
+        try:
+            col[b] = sp_lsa(a[b])[1]
+        except ValueError as e:
+            if str(e) != INFEASIBLE:
+                raise
+            col[b] = np.arange(r)
+            status[b] = 1
+    stats["scipy"] += B
+    return torch.from_numpy(col).to(c.device), torch.from_numpy(status).to(c.device)
 
 
-def _solve_square_max(benefit: torch.Tensor, method: str, on_cuda: bool, backend: str) -> torch.Tensor:
-    """benefit (B, n, n) -> col (B, n), exact: the backend's solver, scipy for what it cannot certify."""
-    if method == "scipy" or (method == "auto" and not on_cuda):
-        return _scipy_batched(benefit)
-    prims = _dispatch.backend_module("permute", backend)
-    col, cert = prims.solve_square_max(benefit)
-    if not bool(cert.all()):
-        bad = (~cert).nonzero().squeeze(1)
-        prims.stats["fallbacks"] += int(bad.numel())
-        col[bad] = _scipy_batched(benefit.index_select(0, bad))
-    return col
+def _module(name: str):
+    """The permute glue of backend ``name`` if it exists and speaks ``lap_solve``, else None."""
+    try:
+        mod = _dispatch.backend_module("permute", name)
+    except ImportError:
+        return None
+    if not hasattr(mod, "lap_solve"):
+        return None
+    if hasattr(mod, "available") and not mod.available():
+        return None
+    return mod
 
 
-def _lap_impl(cost: torch.Tensor, maximize: bool, backend: str, method: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cost (B, n, m) -> row_ind, col_ind (B, min(n, m)) int64."""
+def _legacy_auction(c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The torch auction of the old contract (``solve_square_max``, its own certificate): (col, status).
+
+    Status 2 (scipy re-solves) for problems with forbidden entries (it cannot take them) and for the
+    ones it did not certify.
+    """
+    prims = _dispatch.backend_module("permute", "torch")
+    B, r, m = c.shape
+    finite = torch.isfinite(c).flatten(1).all(1)
+    col = torch.arange(r, device=c.device).repeat(B, 1)
+    status = torch.full((B,), 2, dtype=torch.int32, device=c.device)
+    idx = finite.nonzero().squeeze(1)
+    if idx.numel():
+        ben = -c.index_select(0, idx)
+        if r < m:  # constant rows: exact (a constant row adds the same to every assignment); the
+            # constant is the problem's largest benefit so the range, and the auction's resolution, stay
+            top = ben.amax(dim=(1, 2), keepdim=True)
+            ben = torch.cat([ben, top.expand(idx.numel(), m - r, m)], dim=1)
+        cc, cert = prims.solve_square_max(ben)
+        col[idx] = cc[:, :r]
+        status[idx] = torch.where(cert, 0, 2).to(torch.int32)
+    return col, status
+
+
+def _pick(dev: torch.device, want: str, method: str):
+    """(label, lap_solve or None): the solver for this device / backend / method; None means scipy."""
+    if want == "reference" or method == "scipy":
+        return "scipy", None
+    if method == "auction":
+        mod = _module("torch")
+        return "auction", (mod.lap_solve if mod is not None else _legacy_auction)
+    if want == "cpu":
+        if dev.type != "cpu":
+            raise RuntimeError(f"linear_sum_assignment: backend 'cpu' needs CPU tensors, got device {dev}")
+        mod = _module("cpu")
+        if mod is None:
+            raise RuntimeError("linear_sum_assignment: the C++ CPU extension has no LAP solver (wweight._cpu not "
+                               "built, or built before it had one)")
+        return "cpu", mod.lap_solve
+    if want == "cuda":
+        if dev.type != "cuda":
+            raise RuntimeError(f"linear_sum_assignment: backend 'cuda' needs CUDA tensors, got device {dev}")
+        _dispatch.resolve("lap_solve", dev, "cuda", family="permute", has_triton=False)  # raises if not built
+        mod = _module("cuda")
+        if mod is None:
+            raise RuntimeError("linear_sum_assignment: the CUDA extension has no LAP solver")
+        return "cuda", mod.lap_solve
+    if want == "triton":
+        raise RuntimeError("linear_sum_assignment: no Triton kernel exists for this op")
+    # auto / torch; method auto / sap
+    if dev.type == "cpu":
+        mod = _module("cpu") if want == "auto" else None
+        return ("cpu", mod.lap_solve) if mod is not None else ("scipy", None)
+    if dev.type == "cuda" and want == "auto":
+        # the kernel must be in the built extension and pass its one-off self-test (SELFTESTS["lap_solve"])
+        if _dispatch.resolve("lap_solve", dev, "auto", family="permute", has_triton=False) == "cuda":
+            mod = _module("cuda")
+            if mod is not None:
+                return "cuda", mod.lap_solve
+    if method == "sap":
+        return "scipy", None  # scipy's solver is a shortest augmenting path (Crouse 2016)
+    mod = _module("torch")
+    return "auction", (mod.lap_solve if mod is not None else _legacy_auction)
+
+
+def _solve_min(c: torch.Tensor, want: str, method: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(col (B, r), status (B,) int32: 0 solved, 1 infeasible) of minimised ``c`` (B, r, m), exact."""
+    label, solver = _pick(c.device, want, method)
+    stats["problems"] += c.shape[0]
+    if solver is None:
+        return _scipy_min(c)
+    stats[label] += c.shape[0]
+    # a constant matrix gets the identity, as scipy guarantees (scipy #11602); another solver may pick
+    # any of the (all optimal) assignments
+    flat = c.flatten(1)
+    if c.device.type == "cpu":  # numpy: no thread-pool wake-ups on small problems
+        a = flat.numpy()
+        hi, lo = torch.from_numpy(a.max(1)), torch.from_numpy(a.min(1))
+    else:
+        hi, lo = flat.amax(1), flat.amin(1)
+    const = (hi == lo) & torch.isfinite(hi)
+    if solver is _legacy_auction:
+        col, status = _legacy_auction(c)
+        certified = status == 0
+    else:
+        col, u, v, status = solver(c)
+        col, status = col.to(torch.long), status.to(torch.int32)
+        certified = (status == 0) & certify(c, col, u, v)
+    col = torch.where(const.unsqueeze(1), torch.arange(col.shape[1], device=col.device), col)
+    certified = certified | const
+    redo = ~certified  # gave up, uncertified, or called infeasible (scipy confirms)
+    n_redo = int(redo.sum())  # the one host read of the solve
+    stats["certified"] += c.shape[0] - n_redo
+    if n_redo:
+        idx = redo.nonzero().squeeze(1)
+        col2, st2 = _scipy_min(c.index_select(0, idx))
+        stats["infeasible"] += int((st2 == 1).sum())
+        stats["fallbacks"] += n_redo - int(((status.index_select(0, idx) == 1) & (st2 == 1)).sum())
+        col = col.clone()
+        status = status.clone()
+        col[idx] = col2
+        status[idx] = st2
+    return col, status
+
+
+# ----------------------------------------------------------------------------------------------
+# the op
+
+
+def _lap_impl(cost: torch.Tensor, maximize: bool, backend: str, method: str):
+    """cost (B, n, m) float64 (checked: no NaN, no invalid infinity) -> rows, cols (B, k) int64, status (B,)."""
     B, n, m = cost.shape
     dev = cost.device
     k = min(n, m)
-    if k == 0:
-        e = torch.empty(B, 0, dtype=torch.long, device=dev)
-        return e, e.clone()
-    if backend == "reference" or method == "scipy" or (method == "auto" and dev.type != "cuda"):
-        return _scipy_direct(cost, maximize)
-    benefit = cost.to(torch.float64)
-    if not maximize:
-        benefit = -benefit
+    if k == 0 or B == 0:
+        e = torch.empty(B, k, dtype=torch.long, device=dev)
+        return e, e.clone(), torch.zeros(B, dtype=torch.int32, device=dev)
+    c = -cost if maximize else cost            # a new tensor when maximising; never written either way
     transposed = n > m
     if transposed:
-        benefit = benefit.transpose(1, 2)
-    r, c = benefit.shape[1], benefit.shape[2]  # r <= c
-    if r < c:  # pad with constant rows: exact (a constant row adds the same to every assignment)
-        pad = torch.zeros(B, c - r, c, dtype=benefit.dtype, device=dev)
-        sq = torch.cat([benefit, pad], dim=1)
-    else:
-        sq = benefit
-    col = _solve_square_max(sq, method, dev.type == "cuda", backend)[:, :r]
-    rows = torch.arange(r, device=dev).expand(B, r)
+        c = c.transpose(1, 2)
+    c = c.contiguous()
+    col, status = _solve_min(c, backend, method)  # (B, k): column of each row of c
+    rows = torch.arange(k, device=dev).expand(B, k)
     if not transposed:
-        return rows.contiguous(), col.contiguous()
-    # rows of the original problem are the columns here; sort them as scipy does
+        return rows.contiguous(), col.contiguous(), status
+    # rows of the original problem are the columns of c; sort them as scipy does
     order = col.argsort(dim=1)
-    return col.gather(1, order), rows.gather(1, order)
+    return col.gather(1, order), rows.gather(1, order), status
 
 
 @torch.library.custom_op("wweight::linear_sum_assignment", mutates_args=())
-def _lap_op(cost: torch.Tensor, maximize: bool, backend: str, method: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _lap_op(cost: torch.Tensor, maximize: bool, backend: str,
+            method: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _lap_impl(cost, maximize, backend, method)
 
 
@@ -159,42 +222,54 @@ def _lap_op(cost: torch.Tensor, maximize: bool, backend: str, method: str) -> Tu
 def _(cost, maximize, backend, method):
     B, n, m = cost.shape
     k = min(n, m)
-    return cost.new_empty((B, k), dtype=torch.long), cost.new_empty((B, k), dtype=torch.long)
+    return (cost.new_empty((B, k), dtype=torch.long), cost.new_empty((B, k), dtype=torch.long),
+            cost.new_empty((B,), dtype=torch.int32))
 
 
-def linear_sum_assignment(cost, maximize: bool = False, *, backend: Optional[str] = None,
-                          method: str = "auto"):
-    """Exact linear sum assignment (the contract of ``scipy.optimize.linear_sum_assignment``).
+def linear_sum_assignment(cost_matrix, maximize=False, *, backend: Optional[str] = None, method: str = "auto"):
+    """Solve the linear sum assignment problem exactly (``scipy.optimize.linear_sum_assignment``'s contract).
 
     Args:
-        cost: (n, m) or a batch (B, n, m) of costs; torch tensor (any real dtype, any device) or a
-            numpy array. Rectangular allowed. NaN / Inf are refused (ValueError).
-        maximize: maximise the total instead of minimising it.
-        backend: ``"torch"`` (default on every device: scipy on CPU tensors, the batched auction
-            with certificate on CUDA tensors) or ``"reference"`` (scipy, one problem at a time).
-        method: ``"auto"`` (as above), ``"scipy"`` or ``"auction"`` (force the auction, on any
-            device; uncertified results are re-solved by scipy).
+        cost_matrix: (n, m) costs (rectangular allowed), or a batch (B, n, m) of independent problems:
+            a torch tensor of any real / bool dtype on any device, a numpy array, or any array-like
+            scipy accepts (nested lists, tuples, ...). ``+inf`` marks a forbidden pair (``-inf`` when
+            maximising); NaN and the other infinity are refused as scipy refuses them.
+        maximize: any object; its truth value says maximise instead of minimise (scipy's ``p`` flag).
+        backend: ``None`` / ``"auto"`` (C++ solver on CPU, CUDA solver on GPU, as available),
+            ``"cpu"``, ``"cuda"`` (forced; RuntimeError when they cannot run), ``"torch"`` (scipy on
+            CPU, the torch auction elsewhere) or ``"reference"`` (scipy, one problem at a time).
+        method: ``"auto"``, ``"scipy"``, ``"auction"`` (the torch auction, any device) or ``"sap"``
+            (shortest augmenting path: C++ / CUDA, scipy where neither exists).
 
     Returns:
-        ``(row_ind, col_ind)``: int64 tensors on ``cost``'s device (numpy arrays for numpy input)
-        of shape (min(n, m),), or (B, min(n, m)) for a batch. ``row_ind`` is sorted;
-        ``cost[row_ind, col_ind].sum()`` is optimal.
+        ``(row_ind, col_ind)``, int64, each of shape (min(n, m),) or (B, min(n, m)); numpy arrays
+        unless ``cost_matrix`` is a torch tensor (then torch tensors on its device). ``row_ind`` is
+        sorted (``arange`` when n <= m); ``cost[row_ind, col_ind].sum()`` is the optimum.
+
+    Raises:
+        ValueError: "expected a matrix (2-D array), got a %d array", "matrix contains invalid numeric
+            entries", "cost matrix is infeasible" (``" (batch index b)"`` appended for a batch), or the
+            conversion errors of numpy; TypeError for arrays numpy cannot safely cast to float64.
+
+    Paper: Jonker & Volgenant, "A shortest augmenting path algorithm for dense and sparse linear
+    assignment problems" (1987); Crouse, "On implementing 2D rectangular assignment algorithms" (2016,
+    scipy's solver); Bertsekas, "The auction algorithm" (1988).
     """
-    cost, was_numpy = _check_cost(cost)
-    if not isinstance(maximize, (bool, np.bool_)):
-        raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
-    if method not in _METHODS:
+    maximize = bool(maximize)  # first, as scipy parses its arguments before converting the cost
+    if not isinstance(method, str) or method not in _METHODS:
         raise ValueError(f"method must be one of {list(_METHODS)}, got {method!r}")
-    be = _dispatch.resolve("linear_sum_assignment", cost.device, backend, family="permute", has_cuda=False,
-                          has_triton=False)
-    single = cost.dim() == 2
-    c3 = cost.unsqueeze(0) if single else cost
-    r, c = _lap_op(c3.contiguous(), bool(maximize), be, method)
-    if single:
+    want = _dispatch.requested(backend)
+    cost, torch_in = as_cost(cost_matrix)
+    batched = cost.dim() == 3
+    c3 = cost if batched else cost.unsqueeze(0)
+    check_values(c3, maximize, batched)
+    r, c, status = _lap_op(c3.contiguous(), maximize, want, method)
+    infeasible_error(status, batched)
+    if not batched:
         r, c = r[0], c[0]
-    if was_numpy:
-        return r.numpy(), c.numpy()
-    return r, c
+    if torch_in:
+        return r, c
+    return r.numpy(), c.numpy()
 
 
 def assignment_value(cost: torch.Tensor, row_ind: torch.Tensor, col_ind: torch.Tensor) -> torch.Tensor:
