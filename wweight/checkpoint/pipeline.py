@@ -8,8 +8,8 @@ of one key, or of one iso group) is admitted - its reads start - only while the 
 flight (being read, computing, queued for writing; :func:`wweight.checkpoint.plan.item_cost`, an
 upper bound of all it allocates) plus its own stay within the budget; when the largest item alone
 exceeds it, items run one at a time. The bound held is :attr:`MergePlan.bound` (``--dry-run``
-prints it). Freed tensors go back to the OS (:func:`_return_freed_memory`), so the bound holds for
-the resident set too (tests/test_memory_budget.py measures the peak RSS). On CUDA the reads land in pinned
+prints it). Freed tensors go back to the OS (:func:`.plan.return_freed_memory`), so the bound holds
+for the resident set too (tests/test_memory_budget.py measures the peak RSS). On CUDA the reads land in pinned
 buffers, host->device and device->host copies are issued ``non_blocking`` on the current stream
 and the writer thread waits on a CUDA event, so reading, compute and writing of different items
 overlap (no separate copy stream: untested on a GPU in this repository's CI).
@@ -24,9 +24,7 @@ DARE / DELLA masks are seeded per tensor from ``seed`` and the tensor's name
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import re
-import threading
 import sys
 import time
 import uuid
@@ -44,7 +42,7 @@ from .atomic import atomic_output, fsync_dir
 from .card import warn_if_no_tokenizer, write_hub_files
 from .dist import Dist, split_work
 from .format import FLOATS, CheckpointError
-from .plan import MergePlan, WorkItem, per_model_value, plan_merge
+from .plan import Ledger, MergePlan, WorkItem, per_model_value, plan_merge, return_freed_memory
 from .writer import ShardedWriter, copy_side_files
 
 def _merge_api():
@@ -109,7 +107,7 @@ def run_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget=
     ``device``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (under torchrun ``"cuda"`` means this rank's
     ``cuda:LOCAL_RANK``). ``memory_budget``: host bytes of tensors in flight (see the module doc); the
     summary's ``memory_bound`` is the bound held (``plan.bound``). Running a merge sets glibc's
-    ``M_MMAP_THRESHOLD`` for the process (:func:`_return_freed_memory`).
+    ``M_MMAP_THRESHOLD`` for the process (:func:`wweight.checkpoint.plan.return_freed_memory`).
     """
     dist = Dist()
     try:
@@ -203,57 +201,6 @@ def _common(dts: Iterable[torch.dtype]) -> Optional[torch.dtype]:
     return Counter(floats).most_common(1)[0][0] if floats else None
 
 
-_MALLOC_SET = False
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 256 << 10
-
-
-def _return_freed_memory() -> None:
-    """Make glibc return freed tensors to the OS at once, process-wide (once; a no-op elsewhere).
-
-    glibc serves allocations above ``M_MMAP_THRESHOLD`` with ``mmap`` and unmaps them on free, but
-    by default it *raises* the threshold to the size of each mmapped block freed (up to 32 MiB):
-    after the first 8 MiB tensor is freed, every later tensor below 8 MiB comes from the heap /
-    per-thread arenas (the reader, writer and I/O threads each get one), where freed memory stays
-    resident and fragments: measured here, +100 MB of RSS for a 16 MB budget. A fixed threshold
-    (256 KiB) turns the dynamic raise off: each tensor is its own mapping, returned on free.
-    """
-    global _MALLOC_SET
-    if _MALLOC_SET:
-        return
-    _MALLOC_SET = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc: its allocator's own policy
-        pass
-
-
-class _Ledger:
-    """Bytes reserved by the work items in flight, against the budget (thread-safe)."""
-
-    def __init__(self, budget: int, serial: bool):
-        self.budget, self.serial = budget, serial
-        self.used = 0
-        self.items = 0
-        self.lock = threading.Lock()
-
-    def admit(self, cost: int) -> bool:
-        """Reserve ``cost`` when it fits (always when nothing is in flight: one item at least)."""
-        with self.lock:
-            if self.items and (self.serial or self.used + cost > self.budget):
-                return False
-            self.used += cost
-            self.items += 1
-            return True
-
-    def release(self, nbytes: int, *, done: bool = False) -> None:
-        with self.lock:
-            self.used -= nbytes
-            self.items -= 1 if done else 0
-
-
 def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, stats, *, backend, progress) -> None:
     """Reader thread -> compute (this thread) -> writer thread, as many items in flight as the budget
     allows (each item's cost reserved from the start of its reads until its output is written)."""
@@ -261,8 +208,8 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
     cuda = dev.type == "cuda"
     inputs = plan.inputs
     if not cuda:
-        _return_freed_memory()
-    ledger = _Ledger(plan.memory_budget, serial=plan.largest > plan.memory_budget)
+        return_freed_memory()
+    ledger = Ledger(plan.memory_budget, serial=plan.largest > plan.memory_budget)
 
     # The models' tensors of one item are read concurrently (pread releases the GIL): one thread
     # per input model, at most 4 - NVMe drives need several requests in flight to reach full speed.

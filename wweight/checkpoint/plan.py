@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+import ctypes
 import math
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -246,6 +248,59 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
                      keys=keys, compute_dtype=compute, out_dtype=outdt, shards=shards, items=items,
                      memory_budget=budget, seed=seed,
                      bytes_in=sum(ck.nbytes for ck in ck_all), bytes_out=bytes_out, output=out, notes=notes)
+
+
+# ----- enforcing the costs: the pipeline's byte ledger and glibc's release of freed memory -----
+
+_MALLOC_SET = False
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 256 << 10
+
+
+def return_freed_memory() -> None:
+    """Make glibc return freed tensors to the OS at once, process-wide (once; a no-op elsewhere).
+
+    glibc serves allocations above ``M_MMAP_THRESHOLD`` with ``mmap`` and unmaps them on free, but
+    by default it *raises* the threshold to the size of each mmapped block freed (up to 32 MiB):
+    after the first 8 MiB tensor is freed, every later tensor below 8 MiB comes from the heap /
+    per-thread arenas (the reader, writer and I/O threads each get one), where freed memory stays
+    resident and fragments: measured here, +100 MB of RSS for a 16 MB budget. A fixed threshold
+    (256 KiB) turns the dynamic raise off: each tensor is its own mapping, returned on free.
+    """
+    global _MALLOC_SET
+    if _MALLOC_SET:
+        return
+    _MALLOC_SET = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc: its allocator's own policy
+        pass
+
+
+class Ledger:
+    """Bytes reserved by the work items in flight, against the budget (thread-safe)."""
+
+    def __init__(self, budget: int, serial: bool):
+        self.budget, self.serial = budget, serial
+        self.used = 0
+        self.items = 0
+        self.lock = threading.Lock()
+
+    def admit(self, cost: int) -> bool:
+        """Reserve ``cost`` when it fits (always when nothing is in flight: one item at least)."""
+        with self.lock:
+            if self.items and (self.serial or self.used + cost > self.budget):
+                return False
+            self.used += cost
+            self.items += 1
+            return True
+
+    def release(self, nbytes: int, *, done: bool = False) -> None:
+        with self.lock:
+            self.used -= nbytes
+            self.items -= 1 if done else 0
 
 
 def per_model_value(cfg: MergeConfig, p: M.Param, key: str, model) -> Any:
