@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created atomically)")
     m.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     m.add_argument("--memory-budget", default="4GB", metavar="SIZE",
-                   help="bytes of tensors in flight (prefetch depth, iso group size)")
+                   help="bound on the host memory the merge's tensors take above the start (reads, compute "
+                        "copies, temporaries, outputs queued for writing; one work item at least: --dry-run "
+                        "prints the bound held)")
     m.add_argument("--dry-run", action="store_true", help="validate and print the plan, write nothing")
     m.add_argument("--random-seed", "--seed", dest="seed", type=int, default=0,
                    help="seed of the DARE/DELLA masks (per tensor: seed + tensor name)")
@@ -154,6 +156,7 @@ def _cmd_merge(args) -> int:
               f"({res['tensors'] / max(s, 1e-9):.1f} tensors/s, {io / max(s, 1e-9) / 1e9:.2f} GB/s read+write; "
               f"read {human(res['bytes_read'])}, wrote {human(res['bytes_written'])} in {res['shards']} shard(s)"
               + (f", {res['world_size']} ranks" if res["world_size"] > 1 else "") + f") -> {res['out_dir']}")
+        print(f"wweight: memory {res['memory_line']}")
     return 0
 
 

@@ -3,10 +3,13 @@
 :func:`run_merge` plans (:mod:`.plan`) and executes: a reader thread prefetches the next work
 items' inputs, the main thread merges on ``device`` (``wweight.merge_tensors``; iso methods on
 groups of keys through ``wweight.merge_state_dicts``), a writer thread writes results at their
-planned offsets. Host memory in flight is bounded by ``memory_budget``: at most ``depth``
-prefetched work items (all models' tensors of one key, or of one iso group), one computing and
-``depth`` outputs being written, with ``depth = clamp(budget // (2 * largest item's input bytes),
-1, 8)``; plus the merge op's own temporaries for one item. On CUDA the reads land in pinned
+planned offsets. Host memory in flight is bounded by ``memory_budget``: an item (all models' tensors
+of one key, or of one iso group) is admitted - its reads start - only while the costs of the items in
+flight (being read, computing, queued for writing; :func:`wweight.checkpoint.plan.item_cost`, an
+upper bound of all it allocates) plus its own stay within the budget; when the largest item alone
+exceeds it, items run one at a time. The bound held is :attr:`MergePlan.bound` (``--dry-run``
+prints it). Freed tensors go back to the OS (:func:`.plan.return_freed_memory`), so the bound holds
+for the resident set too (tests/test_memory_budget.py measures the peak RSS). On CUDA the reads land in pinned
 buffers, host->device and device->host copies are issued ``non_blocking`` on the current stream
 and the writer thread waits on a CUDA event, so reading, compute and writing of different items
 overlap (no separate copy stream: untested on a GPU in this repository's CI).
@@ -39,7 +42,7 @@ from .atomic import atomic_output, fsync_dir
 from .card import warn_if_no_tokenizer, write_hub_files
 from .dist import Dist, split_work
 from .format import FLOATS, CheckpointError
-from .plan import MergePlan, WorkItem, per_model_value, plan_merge
+from .plan import Ledger, MergePlan, WorkItem, per_model_value, plan_merge, return_freed_memory
 from .writer import ShardedWriter, copy_side_files
 
 def _merge_api():
@@ -82,13 +85,16 @@ def _name_inputs(e: ValueError, plan: MergePlan, key: str) -> ValueError:
     return ValueError(named if named != msg else f"{key!r}: {msg}")
 
 
-def _merge_group(plan: MergePlan, keys: List[str], loaded: List[Dict[str, torch.Tensor]], backend) -> Dict[str, torch.Tensor]:
+def _merge_group(plan: MergePlan, keys: List[str], loaded: List[Dict[str, torch.Tensor]],
+                 backend) -> Dict[str, torch.Tensor]:
     """A group of keys of an iso method: one batched merge_state_dicts call."""
     cfg = plan.config
     kw = {k: evaluate_setting(v, keys[0]) for k, v in cfg.parameters.items() if k != "alpha"}
     alpha = float(evaluate_setting(cfg.parameters.get("alpha", M.ALPHA.default), keys[0]))
     if backend is not None:
         kw["backend"] = backend
+    # the plan sized the group (same-shape keys) to its budget: one batch, as the plan counted it
+    kw.setdefault("batch_size", len(keys))
     return _merge_api().merge_state_dicts(cfg.method, loaded[0], loaded[1:], alpha=alpha, **kw)
 
 
@@ -99,7 +105,9 @@ def run_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget=
     """Validate, plan and run a merge into ``out_dir``; returns a summary dict (or the plan's).
 
     ``device``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (under torchrun ``"cuda"`` means this rank's
-    ``cuda:LOCAL_RANK``). ``memory_budget``: host bytes of tensors in flight (see the module doc).
+    ``cuda:LOCAL_RANK``). ``memory_budget``: host bytes of tensors in flight (see the module doc); the
+    summary's ``memory_bound`` is the bound held (``plan.bound``). Running a merge sets glibc's
+    ``M_MMAP_THRESHOLD`` for the process (:func:`wweight.checkpoint.plan.return_freed_memory`).
     """
     dist = Dist()
     try:
@@ -114,7 +122,7 @@ def run_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget=
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
         plan = plan_merge(config, out_dir, device=dev, memory_budget=memory_budget,
                           max_shard_size=max_shard_size, overwrite=overwrite, seed=seed,
-                          allow_symlinks=allow_symlinks)
+                          allow_symlinks=allow_symlinks, backend=backend)
         if dry_run:
             return {"plan": plan, "dry_run": True}
         return _execute(plan, dist, backend=backend, progress=progress, fsync=fsync)
@@ -182,7 +190,8 @@ def _execute(plan: MergePlan, dist: Dist, *, backend, progress, fsync) -> Dict[s
     secs = time.perf_counter() - t0
     summary = {"out_dir": plan.out_dir, "tensors": len(plan.keys), "tensors_this_rank": stats["tensors"],
                "shards": len(plan.shards), "bytes_read": plan.bytes_in, "bytes_written": plan.bytes_out,
-               "seconds": secs, "rank": dist.rank, "world_size": dist.world}
+               "seconds": secs, "rank": dist.rank, "world_size": dist.world,
+               "memory_budget": plan.memory_budget, "memory_bound": plan.bound, "memory_line": plan.memory_line()}
     return summary
 
 
@@ -193,10 +202,14 @@ def _common(dts: Iterable[torch.dtype]) -> Optional[torch.dtype]:
 
 
 def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, stats, *, backend, progress) -> None:
-    """Reader thread -> compute (this thread) -> writer thread, ``plan.depth`` items ahead / behind."""
+    """Reader thread -> compute (this thread) -> writer thread, as many items in flight as the budget
+    allows (each item's cost reserved from the start of its reads until its output is written)."""
     dev = plan.device
     cuda = dev.type == "cuda"
     inputs = plan.inputs
+    if not cuda:
+        return_freed_memory()
+    ledger = Ledger(plan.memory_budget, serial=plan.largest > plan.memory_budget)
 
     # The models' tensors of one item are read concurrently (pread releases the GIL): one thread
     # per input model, at most 4 - NVMe drives need several requests in flight to reach full speed.
@@ -207,6 +220,8 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
         return [[f.result() for f in row] for row in futs]
 
     def compute(it: WorkItem, data):
+        """``data``: per key, the inputs' tensors; emptied here (the inputs are freed as soon as the
+        merge no longer needs them, not when the caller lets go)."""
         outs: Dict[str, torch.Tensor] = {}
         if it.kind == "copy":
             k = it.keys[0]
@@ -216,9 +231,18 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
                     raise CheckpointError(f"tensor {k!r} is not floating point ({ts[0].dtype}) and differs "
                                           f"between {inputs[0].what} and {inputs[i].what}; cannot merge it")
             outs[k] = ts[0]
-            return outs
+            data.clear()
+            return outs, None
         cd = plan.compute_dtype
-        moved = [[t.to(dev, non_blocking=True).to(cd[k]) for t in ts] for k, ts in zip(it.keys, data)]
+        moved = []
+        for k, ts in zip(it.keys, data):
+            row = []
+            for i in range(len(ts)):
+                row.append(ts[i].to(dev, non_blocking=True).to(cd[k]))
+                if not cuda:
+                    ts[i] = None   # the read buffer goes when its copy exists (CUDA: until the copy ran)
+            moved.append(row)
+        data.clear()
         if it.kind == "merge":
             k = it.keys[0]
             outs[k] = _merge_one(plan, k, moved[0], backend)
@@ -226,18 +250,22 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
             n = len(inputs)
             sds = [{k: moved[j][i] for j, k in enumerate(it.keys)} for i in range(n)]
             res = _merge_group(plan, it.keys, sds, backend)
+            del sds
             for k in it.keys:
                 if k not in res:
                     raise CheckpointError(f"merge_state_dicts returned no tensor {k!r}")
                 outs[k] = res[k]
+            del res
+        moved.clear()
         for k in list(outs):
-            o = outs[k]
+            o = outs.pop(k)
             o = o.to(plan.out_dtype[k])
             if cuda:
                 host = torch.empty(o.shape, dtype=o.dtype, pin_memory=True)
                 host.copy_(o, non_blocking=True)
                 o = host
             outs[k] = o
+            del o
         if cuda:
             ev = torch.cuda.Event()
             ev.record()
@@ -245,12 +273,13 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
         return outs, None
 
     def write(it: WorkItem, result):
-        outs, ev = result if isinstance(result, tuple) else (result, None)
+        outs, ev = result
         if ev is not None:
             ev.synchronize()
         n = 0
         for k in it.keys:
             n += writer.write(k, outs[k])
+        outs.clear()   # the output is freed here, before the ledger releases it
         return n
 
     bar, overhead = None, 0
@@ -267,23 +296,23 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
     t0 = time.perf_counter()
     loads: deque = deque()
     writes: deque = deque()
-    it_iter = iter(items)
+    pending = deque(items)
     done_tensors = 0
     n_tensors = sum(len(i.keys) for i in items)
 
     def fill(pool):
-        while len(loads) < plan.depth:
-            try:
-                nxt = next(it_iter)
-            except StopIteration:
-                return
+        while pending and ledger.admit(pending[0].cost):
+            nxt = pending.popleft()
             loads.append((nxt, pool.submit(load, nxt)))
 
-    def retire(block_to: int):
+    def retire(block: bool):
+        """Account the finished writes (all of the oldest one's when ``block``); their bytes go back."""
         nonlocal done_tensors
-        while writes and (len(writes) > block_to or writes[0][1].done()):
+        while writes and (block or writes[0][1].done()):
+            block = False
             it, fut = writes.popleft()
             fut.result()
+            ledger.release(_held(it), done=True)
             stats["written"] += it.out_bytes
             done_tensors += len(it.keys)
             if bar is not None:   # the read half was counted when the item's inputs arrived
@@ -295,21 +324,26 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
             ThreadPoolExecutor(1, thread_name_prefix="wweight-write") as wr:
         try:
             fill(rd)
-            while loads:
+            while loads or writes:
+                if not loads:          # the next item does not fit yet: wait for the oldest write
+                    retire(block=True)
+                    fill(rd)
+                    continue
                 it, fut = loads.popleft()
                 data = fut.result()
-                fill(rd)
                 stats["read"] += it.in_bytes
                 if bar is not None:   # bytes read count as soon as they are in memory, not at the write
                     bar.update(it.in_bytes)
                 with torch.no_grad():
                     result = compute(it, data)
                 del data
+                # the compute's temporaries are gone: only the output stays reserved until written
+                ledger.release(it.cost - _held(it))
                 writes.append((it, wr.submit(write, it, result)))
                 del result
                 stats["tensors"] += len(it.keys)
-                retire(plan.depth)
-            retire(0)
+                retire(block=False)
+                fill(rd)
             if bar is not None and overhead:
                 bar.update(overhead)
         except BaseException:
@@ -320,3 +354,9 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
             io_pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
+
+
+def _held(it: WorkItem) -> int:
+    """Bytes an item keeps reserved after its compute: its output until it is written (a copy item's
+    output is one of its read buffers)."""
+    return min(it.cost, it.out_bytes)

@@ -3,13 +3,23 @@
 :func:`plan_merge` checks a :class:`wweight.config.MergeConfig` against the models (present, same
 keys / shapes / dtypes / architecture, disk space), fixes every output tensor's dtype and place in
 the output shards, and cuts the work into items bounded by the memory budget: one key for the
-per-tensor methods, groups of keys for the iso methods (batched SVDs). :mod:`.pipeline` runs it.
+per-tensor methods, groups of same-shape keys for the iso methods (batched SVDs). :mod:`.pipeline` runs it.
+
+Every item carries ``cost``, an upper bound of the host bytes it allocates from the moment its reads
+start until its output is written (:func:`item_cost`: the read buffers, the compute-dtype copies,
+the merge's temporaries, the output and its dtype cast). The pipeline keeps the sum of the costs of
+the items in flight (prefetched, computing, queued for writing) within the budget, one item at
+least, so the bound on host memory above the start of the merge is ``max(budget, largest cost)``
+(:attr:`MergePlan.bound`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+import ctypes
+import math
+import threading
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -20,12 +30,71 @@ from .format import FLOATS, CheckpointError, human, itemsize, parse_size
 from .reader import Checkpoint, check_compatible
 from .writer import Shard, plan_shards
 
+_MiB = 1 << 20
+#: elements of one chunk of the torch backend's sparse primitives (wweight/backends/torch/sparse.py)
+_TORCH_CHUNK = 1024 * 4096
+
+
 @dataclass
 class WorkItem:
     keys: List[str]
     kind: str            # "merge" (one key, per-tensor method) | "group" (iso keys) | "copy" (non-float)
     in_bytes: int        # bytes read from all models
     out_bytes: int
+    cost: int = 0        # upper bound of the host bytes the item holds at its peak (item_cost)
+
+
+def _sz(dt: torch.dtype) -> int:
+    return itemsize(dt)
+
+
+def item_cost(method: str, kind: str, shapes: List[Tuple[int, ...]], in_dtype: torch.dtype,
+              compute_dtype: torch.dtype, out_dtype: torch.dtype, n_in: int, *, backend: Optional[str] = None,
+              device: str = "cpu") -> int:
+    """Upper bound of the host bytes one work item allocates: ``n_in`` inputs of each shape in
+    ``shapes`` (one key, or an iso group of same-shape keys) read in ``in_dtype``, merged in
+    ``compute_dtype``, written in ``out_dtype``.
+
+    Counted from the code that runs (measured in tests/test_memory_budget.py):
+    reads ``n_in N s_in``; the cast to the compute dtype ``n_in N s_c`` (when it differs); the
+    per-tensor methods' fused pass (backends cpu / cuda / triton) allocates only its output ``N s_c``
+    plus per-block tie counts (8 bytes per model per 1024 elements); the torch backend's chunked
+    primitives up to ``16 (K + 2)`` bytes per element of one 4M-element chunk; the reference
+    (float64, ``backend="reference"``, DELLA's per-row sort) up to ``24 (K + 2) N``; the iso methods
+    :func:`wweight.iso.ops.batch_bytes` for the batch plus their merged outputs ``N s_c``; the cast to
+    the output dtype ``N s_o`` (when it differs). On CUDA the merge's temporaries are device memory:
+    the host holds the (pinned) reads and the (pinned) output.
+    """
+    numel = [math.prod(s) for s in shapes]
+    N = sum(numel)
+    s_in, s_c, s_o = _sz(in_dtype), _sz(compute_dtype), _sz(out_dtype)
+    reads = n_in * N * s_in
+    if kind == "copy":
+        return reads
+    if device != "cpu":
+        return reads + N * s_o
+    cast = n_in * N * s_c if compute_dtype != in_dtype else 0
+    out_cast = N * s_o if out_dtype != compute_dtype else 0
+    K = n_in - 1 if M.get(method).needs_base else n_in
+    if kind == "group":
+        from ..iso.ops import batch_bytes, other_bytes
+
+        cb = 4  # the iso ops compute task vectors in float32 (their compute_dtype default)
+        s0 = shapes[0]
+        if len(s0) == 2 and all(s == s0 for s in shapes):
+            work = batch_bytes(method, len(shapes), n_in - 1, s0[0], s0[1], cb)
+        else:
+            work = max(other_bytes(x, cb) for x in numel)
+        return reads + cast + work + N * s_c + out_cast
+    fused = (backend in (None, "auto", "cpu", "cuda", "triton") and compute_dtype in (torch.float32, torch.float16,
+             torch.bfloat16) and not method.startswith("della"))
+    if fused:
+        work = N * s_c + 8 * (K + 1) * (N // 1024 + 1)
+    elif backend == "torch" and not method.startswith("della") and compute_dtype != torch.float64:
+        work = N * s_c + 16 * (K + 2) * min(N, _TORCH_CHUNK)
+    else:
+        work = N * s_c + 24 * (K + 2) * N
+    return reads + cast + work + out_cast + _MiB // 4
 
 
 @dataclass
@@ -41,12 +110,30 @@ class MergePlan:
     shards: List[Shard]
     items: List[WorkItem]
     memory_budget: int
-    depth: int
     seed: int
     bytes_in: int
     bytes_out: int
     output: AtomicOutputDir           # validated at plan time (not empty, not an input); created at run time
     notes: List[str] = field(default_factory=list)
+
+    @property
+    def largest(self) -> int:
+        """The largest work item's cost (bytes)."""
+        return max((i.cost for i in self.items), default=0)
+
+    @property
+    def bound(self) -> int:
+        """Host bytes above the start of the merge that the pipeline holds the tensors in flight to:
+        the budget, or the largest item when that alone exceeds it (it then runs alone)."""
+        return max(self.memory_budget, self.largest)
+
+    def memory_line(self) -> str:
+        """What --dry-run and the summary say about the memory bound."""
+        b, big = self.memory_budget, self.largest
+        if big > b:
+            return (f"budget {human(b)} is below the largest work item ({human(big)}); running one item at a "
+                    f"time, bound {human(big)}")
+        return f"budget {human(b)}, largest work item {human(big)}; bound {human(b)}"
 
     @property
     def inputs(self) -> List[Checkpoint]:
@@ -70,8 +157,9 @@ class MergePlan:
             f"  read          {human(self.bytes_in)} from {len(self.inputs)} models",
             f"  write         {human(self.bytes_out)} in {len(self.shards)} shard(s) to {self.out_dir}",
             f"  device        {self.device}",
-            f"  memory        budget {human(self.memory_budget)}, prefetch depth {self.depth} "
-            f"work item(s), largest item {human(max((i.in_bytes for i in self.items), default=0))} of inputs",
+            f"  memory        {self.memory_line()}",
+            "                (host memory above the start: reads, compute copies, temporaries and outputs of the "
+            "work items in flight)",
             f"  seed          {self.seed}",
         ]
         if c.is_iso:
@@ -82,7 +170,7 @@ class MergePlan:
 
 def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget="4GB",
                max_shard_size="5GB", overwrite: bool = False, seed: int = 0,
-               allow_symlinks: bool = False, check_space: bool = True) -> MergePlan:
+               allow_symlinks: bool = False, check_space: bool = True, backend: Optional[str] = None) -> MergePlan:
     """Validate everything a merge needs, before any compute, and lay out the work and the output."""
     dev = torch.device(device)
     budget = parse_size(memory_budget, "memory_budget")
@@ -107,11 +195,18 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
     items: List[WorkItem] = []
     n_in = len(ck_all)
     iso_keys: List[str] = []
+    be = None if backend in (None, "auto") else backend
+
+    def cost(kind, ks):
+        t = ref.tensors[ks[0]]
+        return item_cost(config.method, kind, [tuple(ref.tensors[k].shape) for k in ks], t.dtype,
+                         compute[ks[0]], outdt[ks[0]], n_in, backend=be, device=dev.type)
+
     for k in keys:
         info = ref.tensors[k]
         if info.dtype not in FLOATS:
             compute[k] = outdt[k] = info.dtype
-            items.append(WorkItem([k], "copy", info.nbytes * n_in, info.nbytes))
+            items.append(WorkItem([k], "copy", info.nbytes * n_in, info.nbytes, cost("copy", [k])))
             continue
         cd = config.dtype or info.dtype
         od = config.out_dtype or cd
@@ -123,23 +218,24 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
             for p in required:  # before any compute: every tensor gets its required parameters
                 for e in config.models:
                     per_model_value(config, p, k, e)
-            items.append(WorkItem([k], "merge", info.nbytes * n_in, ob))
+            items.append(WorkItem([k], "merge", info.nbytes * n_in, ob, cost("merge", [k])))
     if iso_keys:
-        # Groups of keys for one merge_state_dicts call (batched SVDs), bounded by the budget:
-        # inputs in compute dtype plus the SVD workspace (about 3x one model's group in fp32).
-        budget_group = max(1, budget // 2)
-        cur: List[str] = []
-        cur_b = 0
+        # Groups of same-shape 2-D keys (one batched merge_state_dicts call each; non-2-D keys form
+        # groups of their own), as many keys as keep the group's cost within the budget, one at least.
+        by_shape: Dict[Any, List[str]] = {}
         for k in iso_keys:
-            info = ref.tensors[k]
-            kb = info.numel * (itemsize(compute[k]) * n_in + 12)
-            if cur and cur_b + kb > budget_group:
-                items.append(_group_item(cur, ref, n_in, outdt))
-                cur, cur_b = [], 0
-            cur.append(k)
-            cur_b += kb
-        if cur:
-            items.append(_group_item(cur, ref, n_in, outdt))
+            shp = tuple(ref.tensors[k].shape)
+            by_shape.setdefault((shp, compute[k], outdt[k]) if len(shp) == 2 else ("other", compute[k], outdt[k]),
+                                []).append(k)
+        for ks in by_shape.values():
+            cur: List[str] = []
+            for k in ks:
+                if cur and cost("group", cur + [k]) > budget:
+                    items.append(_group_item(cur, ref, n_in, outdt, cost("group", cur)))
+                    cur = []
+                cur.append(k)
+            if cur:
+                items.append(_group_item(cur, ref, n_in, outdt, cost("group", cur)))
         # Keep key order: copies / groups interleave in the reference's file order.
         pos = {k: i for i, k in enumerate(keys)}
         items.sort(key=lambda it: pos[it.keys[0]])
@@ -147,16 +243,64 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
     bytes_out = sum(s.size for s in shards)
     if check_space:
         out.check_space(bytes_out)
-    largest = max((i.in_bytes for i in items), default=1) or 1
-    depth = max(1, min(8, budget // (2 * largest)))
-    notes = []
-    if largest > budget:
-        notes.append(f"the largest work item ({human(largest)} of inputs) exceeds the memory budget; "
-                     "it is processed alone")
+    notes: List[str] = []   # the memory bound is in describe()'s memory line
     return MergePlan(config=config, out_dir=os.path.abspath(out_dir), device=dev, base=base, models=models,
                      keys=keys, compute_dtype=compute, out_dtype=outdt, shards=shards, items=items,
-                     memory_budget=budget, depth=depth, seed=seed,
+                     memory_budget=budget, seed=seed,
                      bytes_in=sum(ck.nbytes for ck in ck_all), bytes_out=bytes_out, output=out, notes=notes)
+
+
+# ----- enforcing the costs: the pipeline's byte ledger and glibc's release of freed memory -----
+
+_MALLOC_SET = False
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 256 << 10
+
+
+def return_freed_memory() -> None:
+    """Make glibc return freed tensors to the OS at once, process-wide (once; a no-op elsewhere).
+
+    glibc serves allocations above ``M_MMAP_THRESHOLD`` with ``mmap`` and unmaps them on free, but
+    by default it *raises* the threshold to the size of each mmapped block freed (up to 32 MiB):
+    after the first 8 MiB tensor is freed, every later tensor below 8 MiB comes from the heap /
+    per-thread arenas (the reader, writer and I/O threads each get one), where freed memory stays
+    resident and fragments: measured here, +100 MB of RSS for a 16 MB budget. A fixed threshold
+    (256 KiB) turns the dynamic raise off: each tensor is its own mapping, returned on free.
+    """
+    global _MALLOC_SET
+    if _MALLOC_SET:
+        return
+    _MALLOC_SET = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc: its allocator's own policy
+        pass
+
+
+class Ledger:
+    """Bytes reserved by the work items in flight, against the budget (thread-safe)."""
+
+    def __init__(self, budget: int, serial: bool):
+        self.budget, self.serial = budget, serial
+        self.used = 0
+        self.items = 0
+        self.lock = threading.Lock()
+
+    def admit(self, cost: int) -> bool:
+        """Reserve ``cost`` when it fits (always when nothing is in flight: one item at least)."""
+        with self.lock:
+            if self.items and (self.serial or self.used + cost > self.budget):
+                return False
+            self.used += cost
+            self.items += 1
+            return True
+
+    def release(self, nbytes: int, *, done: bool = False) -> None:
+        with self.lock:
+            self.used -= nbytes
+            self.items -= 1 if done else 0
 
 
 def per_model_value(cfg: MergeConfig, p: M.Param, key: str, model) -> Any:
@@ -169,7 +313,7 @@ def per_model_value(cfg: MergeConfig, p: M.Param, key: str, model) -> Any:
     return v
 
 
-def _group_item(keys, ref, n_in, outdt) -> WorkItem:
+def _group_item(keys, ref, n_in, outdt, cost) -> WorkItem:
     inb = sum(ref.tensors[k].nbytes for k in keys) * n_in
     ob = sum(ref.tensors[k].numel * itemsize(outdt[k]) for k in keys)
-    return WorkItem(list(keys), "group", inb, ob)
+    return WorkItem(list(keys), "group", inb, ob, cost)

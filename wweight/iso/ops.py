@@ -82,13 +82,32 @@ def _check_common(method, alpha, common_space_fraction, compute_dtype, memory_bu
     return alpha, f, rtol
 
 
-def _per_key_bytes(method: str, T: int, m: int, n: int, cbytes: int) -> int:
-    """Working-set estimate of one 2-D key in a batch (inputs on device, task vectors, float64 work)."""
-    mn = m * n
+def batch_bytes(method: str, B: int, T: int, m: int, n: int, cbytes: int) -> int:
+    """Upper bound of the bytes one batch of ``B`` same-shape ``(m, n)`` keys allocates while it is
+    merged (task vectors of ``T`` fine-tuned models in ``cbytes``-byte compute dtype, float64 work),
+    not counting the inputs and the merged outputs (the caller holds those). Affine in ``B``.
+
+    Counted from :mod:`.spectral` (r = min(m, n), 8 = float64): ``iso_c`` holds the (B, 1, m, n)
+    stack, its float64 copy, ``q`` and the scaled ``q`` (``cbytes + 24`` per element) and up to three
+    (B, r, r) float64 Gram / eigenvector / product arrays (24 per r^2); ``iso_cts`` / ``tsv_m`` hold
+    the (B, T, m, n) stack, up to ~12 float64 (B, m, n)-sized arrays at once (sum, one task, its
+    projection, the U / V slot stacks, both polar factors and their product) and up to eight r^2
+    arrays. Once per batch, not per key: one key's task-vector temporaries (``4 m n cbytes``, before
+    the decompositions) or SciPy's / LAPACK's per-key ``eigh`` output and workspace (~3 r^2 float64),
+    whichever is larger. Measured peaks stay below it (tests/test_memory_budget.py).
+    """
+    mn, r2 = m * n, min(m, n) ** 2
     if method == "iso_c":
-        return mn * (cbytes * 2 + 8 * 4)
-    # task vectors in compute dtype + float64: sum, one task (and its projection), slots, polar
-    return mn * (cbytes * (T + 1) + 8 * 9)
+        per_key = mn * (cbytes + 24) + 24 * r2
+    else:
+        per_key = mn * (T * cbytes + 96) + 64 * r2
+    return B * per_key + max(4 * mn * cbytes, 24 * r2) + (1 << 20)
+
+
+def other_bytes(numel: int, cbytes: int) -> int:
+    """Upper bound of one non-2-D key's temporaries (base, one model and its delta in the compute
+    dtype, their running sum, the merged result): they are merged one key at a time."""
+    return 6 * numel * cbytes + (1 << 16)
 
 
 def _default_budget(device: torch.device) -> int:
@@ -150,7 +169,8 @@ def _merge_groups(method, base, finetuned, names, alpha, f, compute_dtype, memor
                 tvs = [ft[k].to(dev) for ft in finetuned]
                 for i, t in enumerate(tvs):
                     if not bool(torch.isfinite(t.to(compute_dtype) - b.to(compute_dtype)).all()):
-                        raise ValueError(f"{names(k, i)} - {names(k, None)} (task vector {i} of key {k!r}) contains NaN or Inf")
+                        raise ValueError(f"{names(k, i)} - {names(k, None)} (task vector {i} of key {k!r}) "
+                                         "contains NaN or Inf")
                 out[k] = _ref.iso_merge_tensors(method, b, tvs, alpha, f, compute_dtype, rank_rtol).to(base[k].device)
                 done(1)
             continue
@@ -167,7 +187,8 @@ def _merge_groups(method, base, finetuned, names, alpha, f, compute_dtype, memor
         else:
             budget = memory_budget if memory_budget is not None else _default_budget(dev)
             cbytes = torch.empty((), dtype=compute_dtype).element_size()
-            bs = max(1, budget // max(1, _per_key_bytes(method, T, m, n, cbytes)))
+            fixed = batch_bytes(method, 0, T, m, n, cbytes)
+            bs = max(1, (budget - fixed) // max(1, batch_bytes(method, 1, T, m, n, cbytes) - fixed))
         for start in range(0, len(keys), bs):
             chunk = keys[start:start + bs]
             tt = 1 if method == "iso_c" else T
@@ -203,8 +224,9 @@ def iso_merge_state_dicts(method: str, base: Mapping[str, torch.Tensor],
         common_space_fraction: Iso-CTS's ``f`` in (0, 1] (ignored by the other methods).
         compute_dtype: dtype of the task vectors and their sums (float32, or float64 for checking);
             eigendecompositions and the products using them always run in float64.
-        memory_budget: bytes of working memory per batch of same-shape keys (an estimate; one key
-            is the smallest unit). Default: half the free GPU memory on CUDA, 2 GiB on CPU.
+        memory_budget: bytes of working memory per batch of same-shape keys, inputs and outputs not
+            counted (:func:`batch_bytes` is the bound it is held to; one key is the smallest unit).
+            Default: half the free GPU memory on CUDA, 2 GiB on CPU.
         batch_size: keys per batch (overrides ``memory_budget``).
         backend: ``None``/"auto", "torch", "triton" (fused task-vector kernel + torch linear
             algebra), or "reference" (the authors' per-key SVD loop, in ``compute_dtype``).
