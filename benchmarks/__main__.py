@@ -1,6 +1,6 @@
 """Benchmark entry point: ``python -m benchmarks FAMILY [options]``.
 
-Families: sparse, iso, permute, quant, checkpoint. Each writes
+Families: sparse, iso, permute, lap (the CPU LAP solvers alone), quant, checkpoint. Each writes
 ``benchmarks/results/<family>_<device>.json`` and ``.md`` (see benchmarks/common.py).
 ``gpu-check`` validates a GPU end to end (benchmarks/gpu_check.py); without one it prints its plan.
 """
@@ -11,6 +11,7 @@ FAMILIES = {
     "sparse": "benchmarks.bench_sparse",
     "iso": "benchmarks.bench_iso",
     "permute": "benchmarks.bench_permute",
+    "lap": "benchmarks.bench_lap_cpu",
     "quant": "benchmarks.bench_quant",
     "checkpoint": "benchmarks.bench_checkpoint",
     "gpu-check": "benchmarks.gpu_check",  # not a family: validates a GPU (build, every kernel, sanitizer, smoke bench)

@@ -164,8 +164,9 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
         callback: called after every perm update with a dict ``{"iteration", "perm", "old", "new",
             "improved"}`` (objective values), e.g. ``history.append``.
         backend: LAP backend (see :func:`linear_sum_assignment`).
-        lap_method: LAP ``method`` (``"auto"``: scipy for CPU params, the certified batched auction
-            for CUDA params; ``"scipy"`` / ``"auction"`` force one).
+        lap_method: LAP ``method`` of :func:`linear_sum_assignment` (``"auto"``: the C++ LAPJV solver
+            for CPU params, the batched CUDA shortest-augmenting-path kernel / large-n auction for CUDA
+            params, every result certified; ``"scipy"``, ``"sap"`` or ``"auction"`` force one).
         cost_dtype: dtype of the cost matmuls (default float32, or float64 for float64 params);
             a floating dtype, since integer costs would truncate the products.
         joint_blocks: solve a block perm (e.g. attention heads) jointly with the perms inside its
@@ -204,8 +205,10 @@ def weight_matching(spec: PermutationSpec, params_a: Mapping[str, torch.Tensor],
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable")
     _dispatch.requested(backend)
-    if lap_method not in ("auto", "scipy", "auction"):
-        raise ValueError(f"lap_method must be one of ['auto', 'scipy', 'auction'], got {lap_method!r}")
+    from .lap import _METHODS as _LAP_METHODS
+
+    if not isinstance(lap_method, str) or lap_method not in _LAP_METHODS:
+        raise ValueError(f"lap_method must be one of {list(_LAP_METHODS)}, got {lap_method!r}")
     dev = _device_of(params_a, spec)
     if init_perm is None:
         perms = {p: torch.arange(shp[-1], device=dev).repeat(*(shp[:-1] + (1,))).reshape(shp)
