@@ -141,9 +141,8 @@ def test_identical_to_mergekit(name):
     assert n >= 200
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1024, 1100), (3, 700_001)])
-def test_large_tensors_identical(dtype, shape):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_tensors_identical(dtype, shape=(3, 400_001)):
     """Past mergekit's 1M-element slerp chunks and with large K-way reductions."""
     rng = random.Random(1)
     base, ts = _models(rng, shape, dtype, 3)
