@@ -1,12 +1,15 @@
 """mergekit's other merge methods (wweight.interp): wweight vs mergekit 0.1.5's own code.
 
-For every method, dtype, size and K: median time of ``wweight.merge_tensors`` (default path) and of
+For every method, dtype, size and K: time of ``wweight.merge_tensors`` (default path) and of
 mergekit's registered method object on the same tensors (``registry.get(name)([TensorGroup])``,
-what its executor runs), effective GB/s (the K+1 inputs read once and the output written once,
-over the time), % of the copy bandwidth measured in the same run, and the ratio to mergekit.
+what its executor runs), timed in turn each round; the minimum (``*_ms``, what the ratio uses: the
+VM is shared, so the minimum is the least disturbed run) and the median; effective GB/s (the
+inputs read once and the output written once, over the time), % of the copy bandwidth measured
+in the same run, and the ratio to mergekit.
 
     python -m benchmarks methods                 # CPU: 1M, 4M, 16M elements, K = 2, 4
     python -m benchmarks methods --quick         # 1M, 4M; K = 2
+    python -m benchmarks methods --threads 1     # what benchmarks/results/methods_cpu.md ran (shared VM)
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ import torch
 import wweight
 from wweight import methods as M
 
-from .common import bench, copy_bandwidth, device_name, write_results
+import statistics
+import time
+
+from .common import copy_bandwidth, device_name, sync, write_results
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARAMS = {"slerp": {"t": 0.3}, "nearswap": {"t": 1e-3}, "sce": {"select_topk": 0.5},
@@ -30,6 +36,22 @@ def _inputs(m, base, tensors):
     if not m.needs_base:
         return None, tensors, list(tensors), None
     return base, tensors, [base, *tensors], 0
+
+
+def interleaved(fns, device, iters):
+    """(min, median) seconds of each fn, the fns timed in turn each round (a shared machine's load
+    then hits both tools alike); one warm-up call each."""
+    for f in fns:
+        f()
+    times = [[] for _ in fns]
+    for _ in range(iters):
+        for f, ts in zip(fns, times):
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+    return [(min(ts), statistics.median(ts)) for ts in times]
 
 
 def mergekit_fn(name, inputs, base_index, params):
@@ -51,8 +73,11 @@ def main(argv=None):
     ap.add_argument("--ks", type=str, default=None)
     ap.add_argument("--dtypes", type=str, default="fp32,bf16")
     ap.add_argument("--methods", type=str, default=",".join(M.INTERP_METHODS))
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     sizes = [1 << 20, 1 << 22] if args.quick else [1 << 20, 1 << 22, 1 << 24]
     ks = [2] if args.quick else [2, 4]
@@ -81,20 +106,26 @@ def main(argv=None):
                     kw = {k: v for k, v in p.items() if k != "weight"}
                     if "weight" in p:
                         kw["weights"] = [1.0] * K
-                    t_ww = bench(lambda: wweight.merge_tensors(name, b, ts, **kw), dev, warmup=1, iters=args.iters)
-                    nbytes = (len(mk_in) + 1) * n * dt.itemsize
-                    row = {"method": name, "dtype": dname, "n": n, "K": K, "wweight_ms": t_ww * 1e3,
-                           "GB/s": nbytes / t_ww / 1e9, "%copy": 100 * nbytes / t_ww / 1e9 / bw}
+                    fns = [lambda: wweight.merge_tensors(name, b, ts, **kw)]
                     mk = mergekit_fn(name, mk_in, bi, {k: ([v] * K if k == "weight" else v) for k, v in p.items()})
                     if mk is not None:
-                        t_mk = bench(mk, dev, warmup=1, iters=args.iters)
-                        row["mergekit_ms"] = t_mk * 1e3
-                        row["x_mergekit"] = t_mk / t_ww
+                        fns.append(mk)
+                    res = interleaved(fns, dev, args.iters)
+                    t_ww = res[0][0]
+                    nbytes = (len(mk_in) + 1) * n * dt.itemsize
+                    row = {"method": name, "dtype": dname, "n": n, "K": K, "wweight_ms": t_ww * 1e3,
+                           "wweight_median_ms": res[0][1] * 1e3,
+                           "GB/s": nbytes / t_ww / 1e9, "%copy": 100 * nbytes / t_ww / 1e9 / bw}
+                    if mk is not None:
+                        row["mergekit_ms"] = res[1][0] * 1e3
+                        row["mergekit_median_ms"] = res[1][1] * 1e3
+                        row["x_mergekit"] = res[1][0] / t_ww
                     print(row, flush=True)
                     rows.append(row)
             del base, pool
             gc.collect()
-    cols = ["method", "dtype", "n", "K", "wweight_ms", "mergekit_ms", "x_mergekit", "GB/s", "%copy"]
+    cols = ["method", "dtype", "n", "K", "wweight_ms", "mergekit_ms", "x_mergekit", "GB/s", "%copy",
+            "wweight_median_ms", "mergekit_median_ms"]
     md = write_results("methods", dev, rows, columns=cols, extra={"copy_GBps": bw, "threads": torch.get_num_threads()},
                        title="mergekit's other methods (wweight.interp)")
     print(md)
