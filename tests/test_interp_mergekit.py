@@ -241,6 +241,9 @@ def test_bad_arguments_name_them():
         wweight.merge_tensors("nuslerp", b, [x, x], weights=[1, 2, 3])
     with pytest.raises(ValueError, match=r"tensors\[0\] contains NaN"):
         wweight.merge_tensors("ram", b, [torch.tensor([1.0, float("nan"), 0, 0])])
+    for bad in (float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match=r"base contains NaN or Inf"):
+            wweight.merge_tensors("slerp", torch.tensor([0.0, bad, 1.0, 2.0]).bfloat16(), [x.bfloat16()], t=0.5)
     with pytest.raises(ValueError, match="weights sum to 0"):
         wweight.merge_tensors("multislerp", b, [x, -x], weights=[1, -1])
     with pytest.raises(TypeError, match=r"tensors\[0\] has dtype"):

@@ -91,12 +91,11 @@ def _check_inputs(m: M.MergeMethod, base, tensors) -> List[torch.Tensor]:
 
 
 def _check_finite(named: Sequence) -> None:
-    """NaN/Inf in an input: ``ValueError`` naming it. One read per input, no temporary: a sum is
-    finite whenever every element is (a NaN or an Inf makes it NaN or infinite); only a sum that
-    overflows (values near the dtype's max) or a real NaN/Inf takes the exact elementwise test."""
+    """NaN/Inf in an input: ``ValueError`` naming it. One read per input and no temporary:
+    ``torch.aminmax`` propagates NaN, and an Inf is the min or the max (``isfinite(x).all()``
+    writes a bool tensor first: 20-40x slower on CPU, which would cost more than the merge)."""
     for n, t in named:
-        acc = torch.float64 if t.dtype == torch.float64 else torch.float32   # fp16 sums would overflow
-        if t.numel() and not math.isfinite(float(t.sum(dtype=acc))) and not bool(torch.isfinite(t).all()):
+        if t.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(t)):
             raise ValueError(f"{n} contains NaN or Inf; wweight refuses non-finite weights")
 
 
