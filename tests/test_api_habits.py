@@ -15,6 +15,17 @@ from wweight import methods as M
 TA = [m for m in wweight.MERGE_METHODS if M.get(m).needs_base]
 
 
+def _method_args(method, ts, **ta_kw):
+    """(tensors, kwargs) a method takes: the sparse family ``ta_kw``; mergekit's other methods
+    (interp) as many models as they take and their required ``t``."""
+    m = M.get(method)
+    if m.family == "iso":
+        return ts, {}
+    if m.family == "interp":
+        return (ts[:m.max_models] if m.max_models else ts), ({"t": 0.5} if "t" in m.names() else {})
+    return ts, ta_kw
+
+
 def _models(shape=(6, 5), K=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g)
@@ -36,7 +47,7 @@ def test_lambda_spelled_as_mergekit(method):
 @pytest.mark.parametrize("method", wweight.MERGE_METHODS)
 def test_int8_mask_accepted_without_numeric_effect(method):
     base, ts = _models()
-    kw = {} if M.get(method).family == "iso" else {"seed": 3, "density": 0.5}
+    ts, kw = _method_args(method, ts, seed=3, density=0.5)
     want = wweight.merge_tensors(method, base, ts, **kw)
     assert torch.equal(wweight.merge_tensors(method, base, ts, int8_mask=True, **kw), want)
     with pytest.raises(TypeError, match="int8_mask"):
@@ -71,8 +82,7 @@ def test_iso_methods_refuse_weights(method):
 @pytest.mark.parametrize("method", wweight.MERGE_METHODS)
 def test_every_method_on_0d_and_one_element(method, shape):
     base = torch.zeros(shape)
-    ts = [torch.full(shape, 0.3), torch.full(shape, -0.2)]
-    kw = {} if M.get(method).family == "iso" else dict(density=0.5, seed=0)
+    ts, kw = _method_args(method, [torch.full(shape, 0.3), torch.full(shape, -0.2)], density=0.5, seed=0)
     out = wweight.merge_tensors(method, base, ts, **kw)
     assert out.shape == base.shape and torch.isfinite(out).all()
 

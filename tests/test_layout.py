@@ -97,15 +97,16 @@ def test_modules_are_small():
 def test_every_registered_method_is_routed_and_configurable():
     for name in methods.registered():
         m = methods.get(name)
-        assert m.family in ("sparse", "iso")
+        assert m.family in ("sparse", "iso", "interp")
         assert name in wweight.MERGE_METHODS and name in config.METHODS
         assert (name in wweight.ISO_METHODS) == (m.family == "iso")
+        assert (name in methods.INTERP_METHODS) == (m.family == "interp")
         for p in m.params:
             assert p.default is not None and p.scope in (methods.SHARED, methods.PER_MODEL)
             if p.kind is float:
                 assert p.default in p.range and (p.default in p.config_range or p.required)
     with pytest.raises(ValueError, match="method must be one of"):
-        methods.get("slerp")
+        methods.get("no_such_method")
 
 
 def test_compiled_constants_match_python():

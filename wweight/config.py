@@ -3,7 +3,7 @@
 ``wweight merge CONFIG.yaml OUT_DIR`` accepts the same YAML as ``mergekit-yaml`` (mergekit 0.1.5,
 ``mergekit/config.py``) for the methods both tools have::
 
-    merge_method: ties                 # see METHODS
+    merge_method: ties                 # see METHODS (slerp, model_stock, sce, ...: wweight.interp)
     base_model: ./base                 # local directory, Hugging Face layout
     models:
       - model: ./ft-math
@@ -230,6 +230,8 @@ def _check_param(name: str, value, where: str, src: str, method: str):
                 raise ConfigError(f"{src}: {where}.{name}: parameter gradients (lists of numbers "
                                   "interpolated over layers) are not supported by wweight")
             bad("a finite number")
+        if spec.kind is int and float(v) != int(v):
+            bad("an integer")
         v = float(v)
         if v not in spec.config_range:
             bad(f"in {spec.config_range}")
@@ -307,7 +309,7 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
     if data.get("base_model") is not None:
         b = _model_ref(data["base_model"], "base_model", src)
         base = ModelEntry(absolute(b), {}, b)
-    elif spec.needs_base:
+    elif spec.needs_base and not spec.base_optional:
         raise ConfigError(f"{src}: merge_method {method!r} needs base_model")
 
     raw_models = data.get("models")
@@ -339,6 +341,11 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
         models.insert(0, ModelEntry(base.path, {}, base.name))
     if not models:
         raise ConfigError(f"{src}: models must list at least one model besides base_model")
+    n, lo, hi = len(models), spec.min_models, spec.max_models
+    if n < lo or (hi is not None and n > hi):
+        want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        besides = " besides base_model" if spec.needs_base and base is not None else ""
+        raise ConfigError(f"{src}: merge_method {method!r} takes {want} model(s){besides}, got {n}")
     seen = set()
     for e in models:
         if e.path in seen:
@@ -346,7 +353,12 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
         seen.add(e.path)
 
     top = _params(data.get("parameters"), "parameters", src, method, allowed_top)
-    for name in (p.name for p in spec.params if p.required):  # mergekit's weight: no default in a config
+    for name in (p.name for p in spec.params if p.required):  # mergekit's weight / t: no default in a config
+        if spec.param(name).scope == M.SHARED:
+            if name not in top:
+                raise ConfigError(f"{src}: merge_method {method!r} needs parameters.{name} (top-level "
+                                  f"parameters; mergekit has no default {name})")
+            continue
         for i, e in enumerate(models):
             if name not in e.parameters and name not in top:
                 who = "base_model" if base is not None and e.path == base.path else f"models[{i}]"

@@ -13,16 +13,20 @@ import torch
 
 from . import _validate
 from . import methods as M
+from .interp import interp_merge_state_dicts, interp_merge_tensors
 from .iso import iso_merge_state_dicts, iso_merge_tensors
 from .sparse import merge as ta
 from .sparse.ops import key_seed
 
 MERGE_METHODS = M.MERGE_METHODS
 ISO_METHODS = M.ISO_METHODS
+INTERP_METHODS = M.INTERP_METHODS
 
 Num = Union[float, Sequence[float]]
 
-__all__ = ["merge_tensors", "merge_state_dicts", "key_seed", "MERGE_METHODS", "ISO_METHODS"]
+__all__ = ["merge_tensors", "merge_state_dicts", "key_seed", "MERGE_METHODS", "ISO_METHODS", "INTERP_METHODS"]
+
+_UNSET = object()  # density / gamma / epsilon not given (their meaning depends on the method)
 
 
 def _method(name: str) -> M.MergeMethod:
@@ -31,8 +35,8 @@ def _method(name: str) -> M.MergeMethod:
 
 
 def merge_tensors(method: str, base: Optional[torch.Tensor], tensors: Sequence[torch.Tensor],
-                  weights: Optional[Num] = None, density: Num = M.DENSITY.default, gamma: Num = M.GAMMA.default,
-                  epsilon: Num = M.EPSILON.default, lambda_: Optional[float] = None,
+                  weights: Optional[Num] = None, density: Num = _UNSET, gamma: Num = _UNSET,
+                  epsilon: Num = _UNSET, lambda_: Optional[float] = None,
                   normalize: Optional[bool] = None, rescale: Optional[bool] = None,
                   seed: Optional[int] = None, *, backend: Optional[str] = None, **iso_kwargs) -> torch.Tensor:
     """Merge one tensor of K fine-tuned models (mergekit semantics; see :mod:`wweight.methods`).
@@ -45,8 +49,9 @@ def merge_tensors(method: str, base: Optional[torch.Tensor], tensors: Sequence[t
         weights: per-model weight (scalar or K values; default 1.0 each). For TIES the sign
             election uses the weighted deltas and ``normalize`` divides by the summed weights of
             the agreeing models (0 replaced by 1), as mergekit.
-        density, gamma, epsilon: sparsification parameters (scalar or one per model), see
-            :func:`wweight.sparsify`.
+        density, gamma, epsilon: sparsification parameters (scalar or one per model; defaults
+            1.0, 0.01, 0.15), see :func:`wweight.sparsify`. ``epsilon`` is also RAM's threshold
+            (``ram``, ``ramplus_tl``: default 1e-5).
         lambda_: mergekit's ``lambda`` (scales the merged delta; ``None`` = 1.0). ``lambda`` is a
             Python keyword, so the mergekit spelling is accepted as ``**{"lambda": 0.5}`` (YAML
             parameter dicts pass through unchanged); giving both is an error.
@@ -58,7 +63,13 @@ def merge_tensors(method: str, base: Optional[torch.Tensor], tensors: Sequence[t
             ``compute_dtype``), forwarded to :func:`wweight.iso.iso_merge_tensors`. Any method
             also takes ``int8_mask`` (a bool, as in mergekit's YAML): mergekit's ``int8_mask``
             only stores its masks as int8 to save memory, which changes no number, and wweight
-            builds no mask tensors, so it is accepted and has no effect.
+            builds no mask tensors, so it is accepted and has no effect. For mergekit's other
+            methods (``slerp``, ``nuslerp``, ``multislerp``, ``karcher``, ``model_stock``, ``sce``,
+            ``ram``, ``ramplus_tl``, ``nearswap``, ``arcee_fusion``, ``passthrough``; the ``interp``
+            family, :mod:`wweight.interp`) their parameters by mergekit's names: ``t``,
+            ``nuslerp_flatten``, ``nuslerp_row_wise``, ``normalize_weights``, ``eps``, ``max_iter``,
+            ``tol``, ``filter_wise``, ``select_topk``, ``r``, ``alpha``, ``scale`` (per model);
+            ``weights`` is nuslerp's / multislerp's per-model ``weight``.
 
     ``base=None`` with a task-vector method (everything but ``linear``): ``tensors`` are then
     task vectors (deltas), as in PEFT's ``ties`` / ``dare_linear`` utilities - the base is taken
@@ -72,6 +83,21 @@ def merge_tensors(method: str, base: Optional[torch.Tensor], tensors: Sequence[t
     m = _method(method)
     lambda_ = _lambda_arg(lambda_, iso_kwargs)
     _validate.boolean("int8_mask", iso_kwargs.pop("int8_mask", False))  # no numeric effect (see above)
+    if m.family == "interp":
+        given = {"density": density, "gamma": gamma}
+        if "epsilon" in m.names():
+            iso_kwargs["epsilon"] = None if epsilon is _UNSET else epsilon
+        else:
+            given["epsilon"] = epsilon
+        bad = [k for k, v in given.items() if v is not _UNSET] + \
+              [k for k, v in (("lambda", lambda_), ("normalize", normalize), ("rescale", rescale)) if v is not None]
+        if bad:
+            raise TypeError(f"{', '.join(bad)} {'is not a parameter' if len(bad) == 1 else 'are not parameters'} "
+                            f"of {method} (its parameters: {', '.join(m.names()) or 'none'})")
+        return interp_merge_tensors(method, base, tensors, weights, backend=backend, seed=seed, **iso_kwargs)
+    density = M.DENSITY.default if density is _UNSET else density
+    gamma = M.GAMMA.default if gamma is _UNSET else gamma
+    epsilon = M.EPSILON.default if epsilon is _UNSET else epsilon
     if m.family == "iso":
         if lambda_ is not None:
             raise TypeError(f"lambda is not a parameter of {method}; scale with alpha")
@@ -97,7 +123,7 @@ def _lambda_arg(lambda_, kwargs: dict):
 
 
 def merge_state_dicts(method: str, base: Optional[Dict[str, torch.Tensor]], finetuned: Sequence[Dict[str, torch.Tensor]],
-                      weights: Optional[Num] = None, alpha: float = 1.0, *, backend: Optional[str] = None,
+                      weights: Optional[Num] = None, alpha: Optional[float] = None, *, backend: Optional[str] = None,
                       progress: bool = False, **kwargs) -> Dict[str, torch.Tensor]:
     """Merge whole models: ``base`` and each of ``finetuned`` map names to tensors (same keys/shapes).
 
@@ -108,7 +134,9 @@ def merge_state_dicts(method: str, base: Optional[Dict[str, torch.Tensor]], fine
     ``wweight merge`` with the same seed. Isotropic methods
     (``iso_c``, ``iso_cts``, ``tsv_m``) batch SVDs across all keys of the same shape
     (:func:`wweight.iso.iso_merge_state_dicts`). Non-float tensors (e.g. integer buffers) are
-    copied from ``base``. Returns a new dict with ``base``'s keys, dtypes and devices.
+    copied from ``base``. mergekit's other methods (the ``interp`` family) run key by key with their
+    own parameters in ``kwargs`` (``alpha`` is then ramplus_tl's; default: the registry's).
+    Returns a new dict with ``base``'s keys, dtypes and devices.
     """
     m = _method(method)
     _validate.boolean("int8_mask", kwargs.pop("int8_mask", False))  # no numeric effect (merge_tensors)
@@ -116,6 +144,12 @@ def merge_state_dicts(method: str, base: Optional[Dict[str, torch.Tensor]], fine
         raise TypeError("finetuned must be a list of state dicts")
     if len(finetuned) == 0:
         raise ValueError("finetuned is empty: give at least one fine-tuned model")
+    if m.family == "interp":
+        if alpha is not None:
+            kwargs["alpha"] = alpha
+        return interp_merge_state_dicts(method, base, list(finetuned), weights, backend=backend, progress=progress,
+                                        **kwargs)
+    alpha = 1.0 if alpha is None else alpha
     if m.family == "iso":
         if weights is not None:
             raise ValueError(f"weights are not used by {method}; scale with alpha")

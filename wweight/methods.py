@@ -26,6 +26,11 @@ method                        family  consensus  sparsification   normalize  res
 ``tsv_m``                     iso     (Task Singular Vectors, CVPR 2025)
 ============================  ======  =========  ===============  =========  =======
 
+The ``interp`` family (:mod:`wweight.interp`) holds mergekit 0.1.5's other methods, each its own
+algorithm: ``slerp``, ``nuslerp``, ``multislerp``, ``karcher``, ``model_stock``, ``sce``, ``ram``,
+``ramplus_tl``, ``nearswap``, ``arcee_fusion``, ``passthrough`` (parameters below, as mergekit's
+method signatures in ``mergekit/merge_methods/<name>.py`` declare them).
+
 The ``linear`` merge runs on the sparse family's fused kernel (no mask), hence its family.
 """
 from __future__ import annotations
@@ -98,9 +103,12 @@ class MergeMethod:
     """A merge method: which family runs it and how (see the table in the module docstring)."""
 
     name: str
-    family: str                          # package under wweight/ that owns it: "sparse" | "iso"
+    family: str                          # package under wweight/ that owns it: "sparse" | "iso" | "interp"
     params: Tuple[Param, ...]
-    needs_base: bool = True              # task vectors are tensors[i] - base
+    needs_base: bool = True              # the base (when given) is an argument of its own, not an input
+    base_optional: bool = False          # needs_base methods that also run without a base (nuslerp)
+    min_models: int = 1                  # models besides the base (all inputs when not needs_base)
+    max_models: Optional[int] = None
     consensus: Optional[str] = None      # "sum": TIES sign election
     sparsification: Optional[str] = None  # a wweight.sparsify method
     paper: str = ""
@@ -199,10 +207,64 @@ register(MergeMethod("iso_c", "iso", (ALPHA,), paper="Marczak et al. 2025, Iso-C
 register(MergeMethod("iso_cts", "iso", (ALPHA, CSF), paper="Marczak et al. 2025, Iso-CTS"))
 register(MergeMethod("tsv_m", "iso", (ALPHA,), paper="Gargiulo et al. 2025, TSV-M"))
 
+
+# ------------------------------------------------------------ interp: mergekit 0.1.5's other methods
+
+POS = Range(0.0, math.inf)
+
+
+def _shared(name: str, kind: type, default, help: str, range: Range = ANY, required: bool = False) -> Param:
+    return Param(name, kind, SHARED, default=default, range=range, required=required, help=help)
+
+
+def _interp(name: str, params: Tuple[Param, ...], paper: str, *, base: str = "required",
+            min_models: int = 1, max_models: Optional[int] = None) -> MergeMethod:
+    """``base``: mergekit's BasePolicy - "required", "optional" or "ignored" (the base, when given,
+    is one more input, as for ``linear``)."""
+    return MergeMethod(name, "interp", params, needs_base=base != "ignored", base_optional=base == "optional",
+                       min_models=min_models, max_models=max_models, paper=paper)
+
+
+RAM_EPSILON = _shared("epsilon", float, 1e-5, "RAM: |task vector| above which an entry contributes", POS)
+register(_interp("slerp", (_shared("t", float, 0.5, "interpolation factor: 0 = base_model, 1 = the other model",
+                                   required=True),),
+                 "Shoemake 1985, spherical linear interpolation", min_models=1, max_models=1))
+register(_interp("nuslerp", (WEIGHT, _bool("nuslerp_flatten", True, "slerp the flattened tensor (else per row "
+                                           "or column)"),
+                             _bool("nuslerp_row_wise", False, "with nuslerp_flatten false: slerp rows, not columns")),
+                 "mergekit's NuSLERP (slerp with weights, optional base)", base="optional",
+                 min_models=2, max_models=2))
+register(_interp("multislerp", (WEIGHT, _bool("normalize_weights", True, "divide the weights by their sum"),
+                                _shared("eps", float, 1e-8, "stability constant of the norms", POS)),
+                 "Goddard 2025, Multi-SLERP (barycentric interpolation on the sphere)", base="optional"))
+register(_interp("karcher", (_shared("max_iter", int, 10, "Riemannian gradient steps at most", POS),
+                             _shared("tol", float, 1e-5, "convergence tolerance of the tangent norm", POS)),
+                 "Karcher 1977 (weighted Riemannian mean on the sphere)", base="ignored"))
+register(_interp("model_stock", (_bool("filter_wise", False, "one interpolation ratio per row (filter)"),),
+                 "Jang et al. 2024, Model Stock", min_models=2))
+register(_interp("sce", (INT8_MASK, _shared("select_topk", float, 1.0, "fraction of the highest-variance "
+                                            "entries kept", UNIT)),
+                 "Wan et al. 2024, FuseChat (SCE: select, calculate, erase)"))
+register(_interp("ram", (RAM_EPSILON,), "Reinforced Agent Merging (RAM), arXiv 2601.13572"))
+register(_interp("ramplus_tl", (_shared("r", float, 0.1, "RAM+: gain of the overlap ratio", POS),
+                                _shared("alpha", float, 0.2, "RAM+: cap of the overlap ratio", POS), RAM_EPSILON),
+                 "Reinforced Agent Merging Plus, tensor-local (arXiv 2601.13572)"))
+register(_interp("nearswap", (_shared("t", float, 0.5, "distance below which the other model's value is taken",
+                                      required=True),),
+                 "alchemonaut, NearSwap (QuartetAnemoi-70B)", min_models=1, max_models=1))
+register(_interp("arcee_fusion", (), "Arcee Fusion (importance = |delta| * KL of the softmaxes)",
+                 min_models=1, max_models=1))
+register(_interp("passthrough", (Param("scale", float, PER_MODEL, default=1.0,
+                                       help="factor of the tensor (mergekit's None = 1.0: no scaling)"),),
+                 "mergekit passthrough (one model's tensor, optionally scaled)", base="ignored",
+                 min_models=1, max_models=1))
+
 #: Every method, in registration order.
 MERGE_METHODS: Tuple[str, ...] = registered()
 #: The isotropic (spectral) methods.
 ISO_METHODS: Tuple[str, ...] = registered("iso")
+#: mergekit's other methods (slerp, model_stock, sce, ...), :mod:`wweight.interp`.
+INTERP_METHODS: Tuple[str, ...] = registered("interp")
 #: Task-arithmetic methods: (consensus, sparsification, default normalize, default rescale) per
 #: name - a view of the registry for the references and tests.
 TA_METHODS: Dict[str, Tuple[Optional[str], Optional[str], bool, bool]] = {
