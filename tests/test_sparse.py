@@ -1,6 +1,7 @@
 """Sparse family: every backend (C++ cpu, torch, Triton under the interpreter, CUDA when a GPU is
 present) against the plain-torch reference (itself checked against mergekit in
 test_sparse_mergekit.py), plus the API contract: errors, no input mutation, layouts, compile."""
+import zlib
 import random
 
 import pytest
@@ -60,6 +61,10 @@ def assert_same(got, want, exact=True, what=""):
         # K = 5 rescaled deltas, each factor an ulp or two off, times weights up to 1.7 and summed:
         # a few ulps of the largest magnitude in play (3.6e-6 at scale 2.9 was seen under load)
         scale = max(1.0, float(want.float().abs().max())) if want.numel() else 1.0
+        if got.dtype in (torch.float16, torch.bfloat16):  # a last-bit factor change can flip one output rounding
+            ulp = float(torch.finfo(got.dtype).eps)
+            torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=ulp * scale, msg=what)
+            return
         torch.testing.assert_close(got.float(), want.float(), rtol=4e-6, atol=4e-6 * scale, msg=what)
 
 
@@ -115,7 +120,7 @@ def test_sparsify_matches_reference(backend, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", TA + ["linear"])
 def test_merge_matches_reference(backend, dtype, method):
-    rng, g = random.Random(hash((method, str(dtype))) % 10_000), torch.Generator().manual_seed(2)
+    rng, g = random.Random(zlib.crc32(repr((method, str(dtype))).encode()) % 10_000), torch.Generator().manual_seed(2)
     dev = dev_for(backend)
     for trial in range(5):
         base, ts = make_case(rng, g, dtype)
@@ -138,7 +143,10 @@ def test_merge_matches_reference(backend, dtype, method):
             torch.testing.assert_close(got.float(), want.float(), rtol=1e-2 if dtype != torch.float32 else 1e-6,
                                        atol=1e-6)
         else:
-            assert_same(got, want, exact=not (rescaled and dtype == torch.float32), what=(method, trial))
+            # rescale factors are computed in the work dtype, float32 for fp32 and fp16 inputs (fp16 upcasts as
+            # in mergekit): the reference's torch sum and the kernels' float64 partials can differ in its last bit
+            exact = not (rescaled and dtype in (torch.float32, torch.float16))
+            assert_same(got, want, exact=exact, what=(method, trial))
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -5,6 +5,7 @@ Philox stream wweight uses, so DARE / DELLA merges are compared number for numbe
 magnitude cut are avoided in the exact comparisons (mergekit's unstable sort breaks them
 arbitrarily), and checked separately for the documented rule.
 """
+import zlib
 import contextlib
 import random
 
@@ -136,7 +137,7 @@ def test_random_sparsify_matches_mergekit_under_same_stream(method, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("method", TA)
 def test_merge_matches_mergekit(method, dtype):
-    rng = random.Random(hash(method) % 1000)
+    rng = random.Random(zlib.crc32(method.encode()) % 1000)
     g = torch.Generator().manual_seed(3)
     for trial in range(6):
         K = rng.choice([1, 2, 3, 5])
