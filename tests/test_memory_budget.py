@@ -43,6 +43,7 @@ BUDGETS = {"ties": ("16MB", "48MB"), "linear": ("16MB", "48MB"), "dare_ties": ("
 _CHILD = r"""
 import json, os, sys
 import wweight
+print("WWEIGHT_FILE", wweight.__file__)
 from wweight.cli import main
 from wweight.checkpoint.plan import plan_merge
 from wweight.config import load_config
@@ -109,7 +110,11 @@ def test_peak_rss_within_bound(zoos, method, capsys):
     warm = _config(root / f"{method}-warm.yaml", method, zoos["tiny"])
     env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, "-c", _CHILD, warm, cfg, str(root / f"out-{method}"), *BUDGETS[method]],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300,
+                          cwd=str(root))  # not the checkout: `python -c` would import its extension-less source
+    import wweight
+
+    assert f"WWEIGHT_FILE {wweight.__file__}" in proc.stdout, "the child imported another wweight than the tests"
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     from wweight.checkpoint.format import human

@@ -187,8 +187,12 @@ def test_merges_do_not_depend_on_the_thread_count():
     import sys
 
     methods = "linear,task_arithmetic,ties,dare_ties,dare_linear,breadcrumbs,breadcrumbs_ties,della,della_linear"
+    import tempfile
+
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, and a bare checkout's source
+    # tree has no compiled extensions (the test would exercise the torch path instead of the installed one)
     outs = [subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(t), methods], capture_output=True, text=True,
-                           check=True).stdout.split() for t in (1, 2)]
+                           check=True, cwd=tempfile.gettempdir()).stdout.split() for t in (1, 2)]
     assert len(outs[0]) == 18
     diff = [m for m, a, b in zip(methods.split(",") * 2, *outs) if a != b]
     assert not diff, f"thread-count dependent: {diff}"
