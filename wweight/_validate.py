@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -62,3 +62,13 @@ def boolean(name: str, v) -> bool:
     if type(v).__name__ not in ("bool", "bool_"):
         raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
     return bool(v)
+
+
+def same_keys(finetuned: Sequence[Mapping], ref: Mapping, ref_name: str) -> None:
+    """Every state dict of ``finetuned`` has exactly ``ref``'s keys (ValueError naming ``finetuned[i]``)."""
+    for i, sd in enumerate(finetuned):
+        missing = [k for k in ref if k not in sd]
+        extra = [k for k in sd if k not in ref]
+        if missing or extra:
+            raise ValueError(f"finetuned[{i}] keys differ from the {ref_name}: missing {missing[:3]}, "
+                             f"extra {extra[:3]}")

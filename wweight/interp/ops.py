@@ -161,11 +161,7 @@ def interp_merge_state_dicts(method: str, base: Optional[Dict[str, torch.Tensor]
         raise ValueError(f"base is required for method {m.name!r}")
     ref_sd = base if base is not None else finetuned[0]
     keys = list(ref_sd.keys())
-    for i, sd in enumerate(finetuned):
-        missing = [k for k in keys if k not in sd]
-        extra = [k for k in sd if k not in ref_sd]
-        if missing or extra:
-            raise ValueError(f"finetuned[{i}] keys differ from the reference: missing {missing[:3]}, extra {extra[:3]}")
+    _validate.same_keys(finetuned, ref_sd, "reference")
     out: Dict[str, torch.Tensor] = {}
     for n, k in enumerate(keys):
         t0 = ref_sd[k]

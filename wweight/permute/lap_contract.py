@@ -116,3 +116,23 @@ def infeasible_error(status: torch.Tensor, batched: bool) -> None:
         idx = [int(i) for i in bad[:, 0]]
         more = f" and {len(idx) - 1} more" if len(idx) > 1 else ""
         raise ValueError(f"{INFEASIBLE} (batch index {idx[0]}{more})")
+
+
+def check_solver_cost(cost, device_type: str):
+    """The solvers' input contract (``lap_solve`` of the cpu / cuda backends): a contiguous (B, n, m)
+    float64 tensor on a ``device_type`` device with ``n <= m``. Returns (B, n, m)."""
+    if not isinstance(cost, torch.Tensor):
+        raise TypeError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
+    if cost.dim() != 3:
+        raise ValueError(f"cost must be a (B, n, m) batch, got shape {tuple(cost.shape)}")
+    if cost.dtype != torch.float64:
+        raise TypeError(f"cost must be float64, got {cost.dtype}")
+    if cost.device.type != device_type:
+        raise ValueError(f"cost must be a {device_type.upper()} tensor for the {device_type} backend, "
+                         f"got device {cost.device}")
+    if not cost.is_contiguous():
+        raise ValueError("cost must be contiguous")
+    B, n, m = cost.shape
+    if n > m:
+        raise ValueError(f"cost must have n <= m (transpose it first), got shape {tuple(cost.shape)}")
+    return B, n, m

@@ -138,11 +138,7 @@ def merge_state_dicts(method: M.MergeMethod, base: Optional[Dict[str, torch.Tens
     if method.needs_base and base is None:
         raise ValueError(f"base is required for method {method.name!r}")
     keys = list(ref_sd.keys())
-    for i, sd in enumerate(finetuned):
-        missing = [k for k in keys if k not in sd]
-        extra = [k for k in sd if k not in ref_sd]
-        if missing or extra:
-            raise ValueError(f"finetuned[{i}] keys differ from the base: missing {missing[:3]}, extra {extra[:3]}")
+    _validate.same_keys(finetuned, ref_sd, "base")
     seed = resolve_seed(kwargs.pop("seed", None))
     alpha = _validate.number("alpha", alpha)
     unknown = sorted(set(kwargs) - set(_KEY_KWARGS))

@@ -17,6 +17,7 @@ from typing import Tuple
 import torch
 
 from ..._ext import cpu_extension, cpu_extension_error
+from ...permute.lap_contract import check_solver_cost
 
 # counters summed over the calls since import (reset freely): problems solved, rows augmented by a
 # shortest path, augmenting-row-reduction steps, Dijkstra steps (settled columns), statuses
@@ -38,20 +39,7 @@ def _ext():
 
 
 def _check(cost: torch.Tensor) -> Tuple[int, int, int]:
-    if not isinstance(cost, torch.Tensor):
-        raise TypeError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
-    if cost.dim() != 3:
-        raise ValueError(f"cost must be a (B, n, m) batch, got shape {tuple(cost.shape)}")
-    if cost.dtype != torch.float64:
-        raise TypeError(f"cost must be float64, got {cost.dtype}")
-    if cost.device.type != "cpu":
-        raise ValueError(f"cost must be a CPU tensor for the cpu backend, got device {cost.device}")
-    if not cost.is_contiguous():
-        raise ValueError("cost must be contiguous")
-    B, n, m = cost.shape
-    if n > m:
-        raise ValueError(f"cost must have n <= m (transpose it first), got shape {tuple(cost.shape)}")
-    return B, n, m
+    return check_solver_cost(cost, "cpu")
 
 
 def _run(fn_name: str, cost: torch.Tensor, threads, *extra):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..._ext import cuda_extension, on_tensor_device, stream
+from ...permute.lap_contract import check_solver_cost
 
 #: from this n on, a single problem goes to the auction solver (when installed): one block per problem
 #: leaves all but one SM idle, and an n-step Dijkstra per free row is n^2 block-wide reductions
@@ -38,19 +39,7 @@ def _auction():
 
 
 def _check(cost: torch.Tensor):
-    if not isinstance(cost, torch.Tensor):
-        raise TypeError(f"cost must be a torch.Tensor, got {type(cost).__name__}")
-    if cost.dim() != 3:
-        raise ValueError(f"cost must be a (B, n, m) batch, got shape {tuple(cost.shape)}")
-    if cost.dtype != torch.float64:
-        raise TypeError(f"cost must be float64, got {cost.dtype}")
-    if cost.device.type != "cuda":
-        raise ValueError(f"cost must be a CUDA tensor for the cuda backend, got device {cost.device}")
-    if not cost.is_contiguous():
-        raise ValueError("cost must be contiguous")
-    B, n, m = cost.shape
-    if n > m:
-        raise ValueError(f"cost must have n <= m (transpose it first), got shape {tuple(cost.shape)}")
+    B, n, m = check_solver_cost(cost, "cuda")
     if B > 2**31 - 1:
         raise ValueError(f"cost batch B = {B} exceeds the grid limit 2**31 - 1")
     return B, n, m
