@@ -10,20 +10,13 @@ counts: they say what the compiler emitted, never how fast it runs.
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import sys
 from collections import OrderedDict
 
-
-def _cuobjdump() -> str:
-    cand = os.environ.get("CUOBJDUMP") or shutil.which("cuobjdump")
-    if cand:
-        return cand
-    import triton  # the wheel bundles cuobjdump for its own use
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+from wweight.backends.cuda.aot import cuobjdump, res_usage
 
 
 def _demangle(names):
@@ -49,20 +42,10 @@ def _short(name: str) -> str:
 
 
 def analyse(path: str, arch: str = "sm_90"):
-    tool = _cuobjdump()
-    res = subprocess.run([tool, "-arch", arch, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    tool = cuobjdump()
     sass = subprocess.run([tool, "-arch", arch, "-sass", path], capture_output=True, text=True, check=True).stdout
-    stats = OrderedDict()
-    cur = None
-    for line in res.splitlines():
-        m = re.match(r"\s*Function (\S+):", line)
-        if m:
-            cur = m.group(1)
-            continue
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", line)
-        if m and cur:
-            stats[cur] = dict(reg=int(m.group(1)), stack=int(m.group(2)), local=int(m.group(3)),
-                              insts=0, ldg128=0, ldg=0, div64=0)
+    stats = OrderedDict((k, dict(reg=r["reg"], stack=r["stack"], local=r["local"], insts=0, ldg128=0, ldg=0, div64=0))
+                        for k, r in res_usage(path, tool, arch).items())
     cur = None
     for line in sass.splitlines():
         m = re.match(r"\s*Function : (\S+)", line)

@@ -59,10 +59,8 @@ __device__ __forceinline__ Cols carve(unsigned char* base, int64_t m) {
     return c;
 }
 
-// Block-wide argmin of (d, tie) by key_less; every thread gets the result. red_d / red_t hold 33
-// slots: one per warp, and slot 32 for the broadcast (so the next call's per-warp writes cannot
-// race with a slow thread still reading this call's result).
-__device__ __forceinline__ void block_argmin(double& d, long long& t, double* red_d, long long* red_t) {
+// Warp-wide argmin of (d, tie) by key_less; lane 0 ends with the warp's result.
+__device__ __forceinline__ void warp_argmin(double& d, long long& t) {
     const unsigned full = 0xffffffffu;
     for (int off = 16; off > 0; off >>= 1) {
         double od = __shfl_down_sync(full, d, off);
@@ -72,6 +70,13 @@ __device__ __forceinline__ void block_argmin(double& d, long long& t, double* re
             t = ot;
         }
     }
+}
+
+// Block-wide argmin of (d, tie) by key_less; every thread gets the result. red_d / red_t hold 33
+// slots: one per warp, and slot 32 for the broadcast (so the next call's per-warp writes cannot
+// race with a slow thread still reading this call's result).
+__device__ __forceinline__ void block_argmin(double& d, long long& t, double* red_d, long long* red_t) {
+    warp_argmin(d, t);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
     if (lane == 0) {
         red_d[warp] = d;
@@ -81,14 +86,7 @@ __device__ __forceinline__ void block_argmin(double& d, long long& t, double* re
     if (warp == 0) {
         d = lane < nwarps ? red_d[lane] : kInf;
         t = lane < nwarps ? red_t[lane] : LLONG_MAX;
-        for (int off = 16; off > 0; off >>= 1) {
-            double od = __shfl_down_sync(full, d, off);
-            long long ot = __shfl_down_sync(full, t, off);
-            if (key_less(od, ot, d, t)) {
-                d = od;
-                t = ot;
-            }
-        }
+        warp_argmin(d, t);
         if (lane == 0) {
             red_d[32] = d;
             red_t[32] = t;

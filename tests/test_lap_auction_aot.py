@@ -8,51 +8,21 @@ the occupancy API never reports 0 co-resident blocks), and no fused multiply-add
 """
 import os
 import re
-import shutil
 import subprocess
-import sysconfig
 
 import pytest
 
+from wweight.backends.cuda import aot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NVCC = shutil.which("nvcc")
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not on the PATH")
-
-
-def _pybind11_include():
-    try:
-        import pybind11
-
-        return pybind11.get_include()
-    except ImportError:                     # torch ships the headers too
-        import torch
-
-        return os.path.join(os.path.dirname(torch.__file__), "include")
-
-
-def _cuobjdump():
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import triton
-
-        cand = os.path.join(os.path.dirname(triton.knobs.nvidia.ptxas.path), "cuobjdump")
-    except Exception:
-        return None
-    return cand if os.path.exists(cand) else None
+pytestmark = pytest.mark.skipif(aot.nvcc() is None, reason="nvcc not on the PATH")
 
 
 @pytest.fixture(scope="module", params=[90, 80])
 def cubin(request, tmp_path_factory):
     arch = request.param
     out = tmp_path_factory.mktemp(f"lap_sm{arch}") / "lap_auction.cubin"
-    # setup.py's cflags (_compile_cuda), one arch, -cubin instead of -c
-    cmd = [NVCC, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "--fmad=false", "-DNDEBUG",
-           "-lineinfo", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", f"-I{_pybind11_include()}",
-           f"-I{sysconfig.get_paths()['include']}", f"-I{os.path.join(ROOT, 'csrc')}",
-           os.path.join(ROOT, "csrc", "lap_auction.cu"), "-o", str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = aot.compile_cubin(os.path.join(ROOT, "csrc", "lap_auction.cu"), str(out), arch, extra=["-Xptxas", "-v"])
     assert r.returncode == 0, r.stderr[-4000:]
     return arch, out, r.stderr
 
@@ -71,14 +41,13 @@ def test_compiles_without_spills(cubin):
 
 def test_resource_usage_and_no_fma(cubin):
     arch, out, _ = cubin
-    tool = _cuobjdump()
+    tool = aot.cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (CUDA toolkit or Triton's bundled one)")
-    res = subprocess.run([tool, "-res-usage", str(out)], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    line = [ln for ln in res.stdout.splitlines() if "REG:" in ln]
-    assert line, res.stdout
-    assert "STACK:0" in line[0] and "LOCAL:0" in line[0], line[0]
+    usage = aot.res_usage(str(out), tool)
+    assert usage, "cuobjdump -res-usage listed no kernel"
+    for k, r in usage.items():
+        assert r["stack"] == 0 and r["local"] == 0, (k, r)
     sass = subprocess.run([tool, "-sass", str(out)], capture_output=True, text=True, timeout=120)
     assert sass.returncode == 0, sass.stderr
     assert "lap_auction_kernel" in sass.stdout

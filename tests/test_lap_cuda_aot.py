@@ -5,57 +5,24 @@ under the temp dir, keyed by the sources and flags (a cold compile is ~5 s on 2 
 import hashlib
 import os
 import re
-import shutil
 import subprocess
-import sysconfig
 import tempfile
 
 import pytest
 
+from wweight.backends.cuda import aot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 SOURCES = ["lap.cu", "lap_elem.h", "common.cuh", "dtype.h"]
-# == setup.py's cflags for the extension, one architecture
-FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "--fmad=false", "-DNDEBUG",
-         "-lineinfo", "-gencode", "arch=compute_90,code=sm_90"]
-
-
-def _nvcc():
-    return os.environ.get("NVCC") or shutil.which("nvcc")
-
-
-def _cuobjdump():
-    cand = os.environ.get("CUOBJDUMP") or shutil.which("cuobjdump")
-    if cand:
-        return cand
-    try:
-        import triton  # its wheel bundles cuobjdump next to ptxas
-    except ImportError:
-        return None
-    for path in (os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"),):
-        if os.path.exists(path):
-            return path
-    return None
-
-
-def _pybind11_include():
-    try:
-        import pybind11
-
-        return pybind11.get_include()
-    except ImportError:
-        import torch  # torch ships the pybind11 headers
-
-        inc = os.path.join(os.path.dirname(torch.__file__), "include")
-        return inc if os.path.exists(os.path.join(inc, "pybind11", "pybind11.h")) else None
 
 
 @pytest.fixture(scope="module")
 def cubin():
-    nvcc, tool, pyb = _nvcc(), _cuobjdump(), _pybind11_include()
+    nvcc, tool, pyb = aot.nvcc(), aot.cuobjdump(), aot.pybind11_include()
     if nvcc is None or tool is None or pyb is None:
         pytest.skip(f"needs nvcc, cuobjdump and pybind11 headers (nvcc={nvcc}, cuobjdump={tool}, pybind11={pyb})")
-    h = hashlib.sha256(" ".join(FLAGS + [nvcc]).encode())
+    h = hashlib.sha256(" ".join(aot.NVCC_FLAGS + [nvcc, "sm_90"]).encode())
     for s in SOURCES:
         with open(os.path.join(CSRC, s), "rb") as f:
             h.update(f.read())
@@ -64,9 +31,7 @@ def cubin():
     path = os.path.join(cache, h.hexdigest()[:20] + ".cubin")
     if not os.path.exists(path):
         tmp = path + f".{os.getpid()}.tmp"
-        cmd = [nvcc] + FLAGS + ["-I" + pyb, "-I" + sysconfig.get_paths()["include"], "-I" + CSRC, "-cubin", "-o", tmp,
-                                os.path.join(CSRC, "lap.cu")]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        r = aot.compile_cubin(os.path.join(CSRC, "lap.cu"), tmp, 90, timeout=300)
         assert r.returncode == 0, f"nvcc failed:\n{r.stderr[-4000:]}"
         os.replace(tmp, path)
     return tool, path
@@ -74,17 +39,7 @@ def cubin():
 
 def test_lap_kernel_compiles_without_spills_stack_or_local_memory(cubin):
     tool, path = cubin
-    res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    kernels = {}
-    cur = None
-    for line in res.splitlines():
-        m = re.match(r"\s*Function (\S+):", line)
-        if m:
-            cur = m.group(1)
-            continue
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
-        if m and cur:
-            kernels[cur] = tuple(int(x) for x in m.groups())
+    kernels = {k: (r["reg"], r["stack"], r["shared"], r["local"]) for k, r in aot.res_usage(path, tool).items()}
     names = [k for k in kernels if "lap_sap_kernel" in k]
     assert len(names) == 2, f"expected the shared- and global-memory instantiations, got {list(kernels)}"
     for k in names:
