@@ -116,7 +116,8 @@ def _ram_merge_kernel(xs_ptr, base_ptr, out_ptr, lam_ptr, n, eps, K: tl.constexp
     for k in range(K):
         x = tl.load(_model_ptr(xs_ptr, k, ELEM, ALIGNED) + offs, mask=m, other=0).to(tl.float32)
         d = _round(x - b, ELEM, ROUND16)
-        # tv * mask: multiplications (not selects) so a masked-out negative entry is -0, as in torch
+        # tv * mask as torch writes it (a masked-out negative entry is -0; it cannot reach the result:
+        # the K-sum starts at +0)
         z = d * (tl.abs(d) > eps).to(tl.float32)
         shared = _round(tl.math.div_rn(z * overlap, div), ELEM, ROUND16)
         if PLUS:
