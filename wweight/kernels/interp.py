@@ -9,6 +9,10 @@ division is ``div_rn``, torch's IEEE division, not the 2-ulp ``div.full.f32`` th
 Shapes: flat, contiguous ``n``-element tensors (``K`` model tensors through an int64 pointer
 table); float32 / bfloat16 / float16; offsets are int64, tails masked, one program per ``BLOCK``.
 
+On sm_90 LLVM turns some fp16 "float32 op, then round" pairs into native ``.f16x2`` ops: the same
+bits, because float32 carries at least 2p + 2 = 24 significand bits for fp16's p = 11 (one op in
+float32 rounded to fp16 is the correctly rounded fp16 op; bf16 likewise).
+
 Where an op's rounding is defined by a torch *reduction* the reduction stays in torch (slerp's
 norms and dot, in the launcher) or is reproduced where its order is known: RAM's K-way
 ``sum(dim=0)`` on CPU accumulates each column in float32 from 0 in model order for K <= 4 (ATen's
