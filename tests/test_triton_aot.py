@@ -18,12 +18,15 @@ from conftest import requires_triton
 pytestmark = requires_triton
 
 
+FAMILIES = ("sparse", "quant", "iso", "interp")
+
+
 @pytest.fixture(scope="module")
 def aot(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     jobs = str(max(1, min(4, os.cpu_count() or 1)))
-    r = subprocess.run([sys.executable, "-m", "wweight.backends.triton.aot", "--jobs", jobs,
+    r = subprocess.run([sys.executable, "-m", "wweight.backends.triton.aot", "--jobs", jobs, "--families", *FAMILIES,
                         "--json", str(out / "aot.json"), "--md", str(out / "aot.md")],
                        env=env, capture_output=True, text=True, cwd=str(out), timeout=1500)
     assert (out / "aot.json").exists(), r.stdout[-3000:] + r.stderr[-3000:]
@@ -38,7 +41,9 @@ def _rows(aot, kernel=None, arch=90):
 
 KERNELS = {"sparse._digit_hist_kernel", "sparse._tie_count_kernel", "sparse._stats_kernel", "sparse._merge_kernel",
            "quant._stats_kernel", "quant._quant_fused_kernel", "quant._pack_kernel", "quant._dequant_kernel",
-           "quant._dq_matmul_kernel", "iso._task_vector_kernel"}
+           "quant._dq_matmul_kernel", "iso._task_vector_kernel",
+           "interp._slerp_blend_kernel", "interp._nearswap_kernel", "interp._ram_count_kernel",
+           "interp._ram_merge_kernel"}
 
 
 def test_every_kernel_recorded_and_compiled_for_sm90_and_sm80(aot):
@@ -55,7 +60,8 @@ def test_modes_cover_the_flag_combinations(aot):
         assert any(flag in m for m in merges), flag
     for dt in ("float32", "bfloat16", "float16"):
         for k in ("sparse._merge_kernel", "quant._quant_fused_kernel", "quant._dequant_kernel",
-                  "iso._task_vector_kernel"):
+                  "iso._task_vector_kernel", "interp._slerp_blend_kernel", "interp._nearswap_kernel",
+                  "interp._ram_count_kernel", "interp._ram_merge_kernel"):
             assert any(dt in r["modes"] for r in _rows(aot, k)), (k, dt)
 
 
@@ -89,7 +95,9 @@ def test_sixteen_byte_loads_where_inputs_are_aligned(aot):
     # 16-byte aligned and n is divisible by 16 (the size class of the recorded calls); the merge
     # kernels read through the pointer table, whose alignment the launcher asserts (ALIGNED)
     for k in ("sparse._merge_kernel", "sparse._stats_kernel", "sparse._tie_count_kernel", "sparse._digit_hist_kernel",
-              "iso._task_vector_kernel", "quant._quant_fused_kernel", "quant._pack_kernel"):
+              "iso._task_vector_kernel", "quant._quant_fused_kernel", "quant._pack_kernel",
+              "interp._slerp_blend_kernel", "interp._nearswap_kernel", "interp._ram_count_kernel",
+              "interp._ram_merge_kernel"):
         rows = [r for r in _rows(aot, k) if r["ok"] and "unaligned" not in r["modes"]]
         assert rows, k
         assert max(r["ld_bytes"] for r in rows) == 16, (k, [(r["modes"], r["ld_bytes"]) for r in rows])
@@ -101,3 +109,13 @@ def test_histogram_counts_in_int64(aot):
     # one bin can hold more than 2**31 elements (2**31 + 4096 zeros): the global histogram is int64
     rows = _rows(aot, "sparse._digit_hist_kernel")
     assert rows and all(r["u64_atomics"] > 0 for r in rows)
+
+
+def test_interp_kernels_cover_ram_and_ramplus_and_stay_contraction_free(aot):
+    # RAM and RAM+ share one merge kernel (PLUS); every interp kernel is bit-exact: zero float FMAs
+    # (the interpreter rounds each op; only this check shows ptxas was not allowed to fuse)
+    modes = [r["modes"] for r in _rows(aot, "interp._ram_merge_kernel")]
+    assert any("PLUS=True" in m for m in modes) and any("PLUS=False" in m for m in modes)
+    rows = [r for r in aot["rows"] if r["family"] == "interp"]
+    assert rows and all(r["ok"] and r["fma"] == 0 and not r["approx"] for r in rows), rows
+    assert any("unaligned" in r["modes"] for r in rows)

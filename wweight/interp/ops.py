@@ -1,9 +1,10 @@
 """Op layer of the ``interp`` family: argument checks (errors name the argument), parameter
 defaults from the registry (:mod:`wweight.methods`), and the route to a path.
 
-``backend="reference"`` runs :mod:`wweight.reference.interp` (mergekit 0.1.5 line by line); any
-other backend runs :mod:`wweight.interp.fast` (the same numbers with fewer passes over memory;
-torch ops, so CPU and GPU tensors alike - there are no Triton/CUDA kernels for these methods).
+``backend="reference"`` runs :mod:`wweight.reference.interp` (mergekit 0.1.5 line by line); slerp,
+nearswap, ram and ramplus_tl run ``wweight/backends/triton/interp.py`` (Triton kernels) on CUDA
+tensors or with ``backend="triton"``; everything else runs :mod:`wweight.interp.fast` (the same
+numbers with fewer passes over memory; torch ops, CPU and GPU tensors alike).
 """
 from __future__ import annotations
 
@@ -126,6 +127,23 @@ def run(name: str, impl, base: Optional[torch.Tensor], ts: List[torch.Tensor], p
     raise AssertionError(name)
 
 
+#: methods with Triton kernels (wweight/backends/triton/interp.py); the others run fast.py everywhere
+TRITON_METHODS = ("slerp", "nearswap", "ram", "ramplus_tl")
+
+
+def _path(name: str, backend: Optional[str], device: torch.device):
+    """The module that runs ``name``: the reference, the Triton glue (CUDA tensors by default, or
+    ``backend="triton"``, which on CPU tensors needs ``TRITON_INTERPRET=1``), else :mod:`.fast`.
+    Other backend names (cuda, cpu, torch) run :mod:`.fast`: these methods have no such kernels."""
+    want = _dispatch.requested(backend)
+    if want == "reference":
+        return ref
+    if name in TRITON_METHODS and want in ("auto", "triton") and _dispatch.resolve(
+            f"interp_{name}", device, backend, family="interp", has_cuda=False) == "triton":
+        return _dispatch.backend_module("interp", "triton")
+    return fast
+
+
 def interp_merge_tensors(method: str, base: Optional[torch.Tensor], tensors: Sequence[torch.Tensor],
                          weights=None, *, backend: Optional[str] = None, seed: Optional[int] = None,
                          **params) -> torch.Tensor:
@@ -144,7 +162,7 @@ def interp_merge_tensors(method: str, base: Optional[torch.Tensor], tensors: Seq
     p = resolve_params(m, len(ts), weights, params)
     named = ([("base", base)] if base is not None else []) + [(f"tensors[{i}]", t) for i, t in enumerate(ts)]
     _check_finite(named)
-    impl = ref if _dispatch.requested(backend) == "reference" else fast
+    impl = _path(m.name, backend, ts[0].device)
     dtype = ts[0].dtype
     out = run(m.name, impl, base, ts, p)
     return out if out.dtype == dtype else out.to(dtype)

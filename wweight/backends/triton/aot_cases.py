@@ -13,7 +13,9 @@ about two minutes on two cores:
 * quant: the one-pass kernel at 2/3/4/8 bits in fp32 and 4 bits in bf16/fp16, symmetric and
   not; the three-kernel path (block 100, outliers) per dtype; outlier masks, clipping, a
   "tensor" block and 16-/32-bit scales in fp32; dequantize of each; dequant_matmul per dtype;
-* iso: the task-vector kernel per dtype with and without the per-task output.
+* iso: the task-vector kernel per dtype with and without the per-task output;
+* interp: slerp's blend, nearswap, RAM and RAM+ (both of its kernels) per dtype at K = 2, and an
+  odd-sized, unaligned bf16 K = 3 call of each kernel but RAM's (RAM+ compiles the same merge kernel).
 """
 from __future__ import annotations
 
@@ -95,4 +97,21 @@ def iso_calls():
         iso.task_vectors(base, ft, None, total, bad, acc)
 
 
-FAMILIES = {"sparse": sparse_calls, "quant": quant_calls, "iso": iso_calls}
+def interp_calls():
+    import wweight
+
+    for dt in DTYPES:
+        base, ts = _models(dt, K=2)
+        wweight.merge_tensors("slerp", base, ts[:1], t=0.3, backend="triton")
+        wweight.merge_tensors("nearswap", base, ts[:1], t=0.01, backend="triton")
+        wweight.merge_tensors("ram", base, ts, backend="triton")
+        wweight.merge_tensors("ramplus_tl", base, ts, backend="triton")
+    # odd size, inputs one element into their storage (not 16-byte aligned), K = 3
+    base, ts = _models(torch.bfloat16, n=3001, K=3)
+    base, ts = base[1:], [t[1:] for t in ts]
+    wweight.merge_tensors("slerp", base, ts[:1], t=0.3, backend="triton")
+    wweight.merge_tensors("nearswap", base, ts[:1], t=0.01, backend="triton")
+    wweight.merge_tensors("ramplus_tl", base, ts, backend="triton")
+
+
+FAMILIES = {"sparse": sparse_calls, "quant": quant_calls, "iso": iso_calls, "interp": interp_calls}
