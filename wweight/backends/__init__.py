@@ -33,6 +33,11 @@ Every module of a family has the same functions (the family's backend contract):
 ``iso`` (torch, triton): ``task_vectors(base, finetuned, each, total, bad, dtype)`` fills the task
 vectors, their sum and a per-task NaN/Inf count.
 
+``interp`` (triton): ``nearswap(base, other, t)``, ``ram(base, tensors, epsilon)``,
+``ramplus_tl(base, tensors, r, alpha, epsilon)``, ``slerp(t, v0, v1, dot_threshold, eps)`` -> a new
+tensor with mergekit 0.1.5's bits (fp32/bf16/fp16, K <= 4 for RAM; the caller routes float64, empty
+tensors and K >= 5 to ``wweight.interp.fast``); slerp's norms and dot stay torch reductions.
+
 ``permute``:
 
 * torch: ``solve_square_max(benefit)`` -> (col, certified) for (B, n, n) benefits (the auction);

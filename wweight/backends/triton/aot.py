@@ -205,7 +205,7 @@ def distinct(entries) -> List[dict]:
     return out
 
 
-def run(families=("sparse", "quant", "iso"), jobs=None) -> dict:
+def run(families=("sparse", "quant", "iso", "interp"), jobs=None) -> dict:
     """Both phases; returns ``{"rows": [...], "launches": n, "seconds": s}``."""
     t0 = time.time()
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -260,7 +260,7 @@ def markdown(result) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m wweight.backends.triton.aot", description=__doc__.split("\n")[0])
     ap.add_argument("--record", metavar="PATH", help=argparse.SUPPRESS)   # phase 1 (internal)
-    ap.add_argument("--families", nargs="+", default=["sparse", "quant", "iso"])
+    ap.add_argument("--families", nargs="+", default=["sparse", "quant", "iso", "interp"])
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--md", metavar="PATH")
