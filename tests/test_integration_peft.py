@@ -333,3 +333,12 @@ def test_no_warnings_from_the_wrappers(installed):
         warnings.simplefilter("error")
         mu.ties(ts, w, 0.5)
         mu.magnitude_prune(ts, w, 0.5)
+
+
+def test_wrappers_have_peft_signatures():
+    import inspect
+
+    for name in wp.PATCHED:
+        mine = [(p.name, p.default, p.kind) for p in inspect.signature(getattr(wp, name)).parameters.values()]
+        theirs = [(p.name, p.default, p.kind) for p in inspect.signature(ORIG[name]).parameters.values()]
+        assert mine == theirs, name
