@@ -423,3 +423,19 @@ def test_cuda_selftest_passes():
     from wweight.backends.cuda import sparse as cuda_sparse
 
     assert cuda_sparse.selftest(torch.device("cuda"))
+
+
+def test_deterministic_merges_leave_the_global_rng_alone():
+    """Only DARE/DELLA draw a seed from torch's generator when none is given (PEFT adapter finding)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, generator=g)
+    ts = [base + torch.randn(64, generator=g) for _ in range(2)]
+    for m in ("linear", "task_arithmetic", "ties", "breadcrumbs_ties"):
+        torch.manual_seed(5)
+        wweight.merge_tensors(m, None if m == "linear" else base, ts)
+        wweight.merge_state_dicts(m, None if m == "linear" else {"w": base}, [{"w": t} for t in ts])
+        assert torch.equal(torch.rand(3), torch.manual_seed(5) and torch.rand(3)), m
+    torch.manual_seed(5)
+    wweight.merge_tensors("dare_ties", base, ts)
+    drawn = torch.rand(3)
+    assert not torch.equal(drawn, torch.manual_seed(5) and torch.rand(3))

@@ -22,6 +22,9 @@ from ..reference import sparse as ref
 from . import fused
 from .ops import check_finite, check_sparsify_args, key_seed, primitives, resolve_backend, resolve_seed
 
+#: sparsification methods that draw masks from the Philox stream
+RANDOM_SPARSIFICATION = ("random", "della_magprune")
+
 Num = Union[float, Sequence[float]]
 
 
@@ -119,11 +122,19 @@ def merge_tensors(method: M.MergeMethod, base: Optional[torch.Tensor], tensors: 
                 check_sparsify_args(dens[i], method.sparsification, gam[i], eps[i], None, argprefix="")
             else:
                 _validate.number(f"density[{i}]", dens[i], lo=M.DENSITY.range.lo, hi=M.DENSITY.range.hi)
-    seed = resolve_seed(seed)
+    seed = _seed_for(method, seed)
     ts = [t.contiguous() for t in tensors]
     b = base.contiguous() if base is not None else None
     return _merge_op(method.name, b, ts, weights, dens, gam, eps, lambda_, normalize, rescale, seed,
                      _dispatch.requested(backend))
+
+
+def _seed_for(method: M.MergeMethod, seed: Optional[int]) -> int:
+    """The Philox key of a random method; deterministic methods draw nothing from torch's global
+    generator (a merge must not change the caller's RNG stream when it uses no randomness)."""
+    if method.sparsification in RANDOM_SPARSIFICATION:
+        return resolve_seed(seed)
+    return 0 if seed is None else resolve_seed(seed)
 
 
 #: keyword arguments of merge_state_dicts forwarded to every key's merge_tensors
@@ -139,7 +150,7 @@ def merge_state_dicts(method: M.MergeMethod, base: Optional[Dict[str, torch.Tens
         raise ValueError(f"base is required for method {method.name!r}")
     keys = list(ref_sd.keys())
     _validate.same_keys(finetuned, ref_sd, "base")
-    seed = resolve_seed(kwargs.pop("seed", None))
+    seed = _seed_for(method, kwargs.pop("seed", None))
     alpha = _validate.number("alpha", alpha)
     unknown = sorted(set(kwargs) - set(_KEY_KWARGS))
     kw = {"density": M.DENSITY.default, "gamma": M.GAMMA.default, "epsilon": M.EPSILON.default,
