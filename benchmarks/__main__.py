@@ -1,6 +1,6 @@
 """Benchmark entry point: ``python -m benchmarks FAMILY [options]``.
 
-Families: sparse, methods, iso, permute, lap (the CPU LAP solvers alone), quant, checkpoint. Each writes
+Families: sparse, methods, iso, permute, lap (the CPU LAP solvers alone), quant, checkpoint, fusion_bench. Each writes
 ``benchmarks/results/<family>_<device>.json`` and ``.md`` (see benchmarks/common.py).
 ``gpu-check`` validates a GPU end to end (benchmarks/gpu_check.py); without one it prints its plan.
 """
@@ -15,6 +15,7 @@ FAMILIES = {
     "lap": "benchmarks.bench_lap_cpu",
     "quant": "benchmarks.bench_quant",
     "checkpoint": "benchmarks.bench_checkpoint",
+    "fusion_bench": "benchmarks.bench_fusion_bench",   # the FusionBench adapter vs FusionBench's algorithms
     "gpu-check": "benchmarks.gpu_check",  # not a family: validates a GPU (build, every kernel, sanitizer, smoke bench)
 }
 
