@@ -27,6 +27,7 @@ from .. import methods as M
 from ..config import MergeConfig
 from .atomic import AtomicOutputDir
 from .format import FLOATS, CheckpointError, human, itemsize, parse_size
+from .lora import open_model
 from .reader import Checkpoint, check_compatible
 from .writer import Shard, plan_shards
 
@@ -178,15 +179,16 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     # linear: the base (when given) is one of config.models, an ordinary input
-    base = (Checkpoint(config.base_model.path, what="base_model", allow_symlinks=allow_symlinks)
+    base = (open_model(config.base_model, what="base_model", allow_symlinks=allow_symlinks)
             if config.base_model and M.get(config.method).needs_base else None)
-    models = [Checkpoint(m.path, what=f"models[{i}] ({m.name})", allow_symlinks=allow_symlinks)
+    models = [open_model(m, what=f"models[{i}] ({m.name})", allow_symlinks=allow_symlinks)
               for i, m in enumerate(config.models)]
     ref = base or models[0]
     ck_all = ([base] if base else []) + models
     # Same architecture, keys, shapes, dtypes everywhere; the first mismatch is the error.
     check_compatible(ref, ck_all)
-    out = AtomicOutputDir(out_dir, overwrite=overwrite, inputs=[ck.path for ck in ck_all])
+    out = AtomicOutputDir(out_dir, overwrite=overwrite,   # a LoRA adapter's directory is an input too
+                          inputs=[p for ck in ck_all for p in getattr(ck, "input_paths", [ck.path])])
 
     keys = list(ref.keys)
     required = [p for p in M.get(config.method).params if p.required and p.scope == M.PER_MODEL]
@@ -199,8 +201,9 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
 
     def cost(kind, ks):
         t = ref.tensors[ks[0]]
-        return item_cost(config.method, kind, [tuple(ref.tensors[k].shape) for k in ks], t.dtype,
-                         compute[ks[0]], outdt[ks[0]], n_in, backend=be, device=dev.type)
+        lora = sum(ck.delta_bytes(k) for ck in ck_all if hasattr(ck, "delta_bytes") for k in ks)  # LoRA reads
+        return lora + item_cost(config.method, kind, [tuple(ref.tensors[k].shape) for k in ks], t.dtype,
+                                compute[ks[0]], outdt[ks[0]], n_in, backend=be, device=dev.type)
 
     for k in keys:
         info = ref.tensors[k]
