@@ -119,7 +119,7 @@ def test_gpt2_conv1d_fan_in_fan_out_and_lora_bias(tmp_path):
     cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, n_positions=32)
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(str(tmp_path / "gpt2"))
-    ad = make_adapter(tmp_path / "gpt2", tmp_path / "ad", r=4, lora_alpha=4, fan_in_fan_out=True,
+    ad = make_adapter(tmp_path / "gpt2", tmp_path / "ad", r=4, lora_alpha=6, fan_in_fan_out=True,
                       lora_bias=True, target_modules=["c_attn", "c_proj", "c_fc"])
     ck, changed = check_read(tmp_path / "gpt2", ad, min_changed=2 * 4 * 2)
     assert ck.modules["transformer.h.0.attn.c_proj.weight"].transpose
