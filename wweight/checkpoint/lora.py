@@ -285,13 +285,17 @@ class LoraCheckpoint:
 
     def delta_bytes(self, key: str) -> int:
         """Host bytes :meth:`read` allocates for ``key`` beyond the returned tensor (the plan's item cost):
-        A and B in the compute dtype, ``B @ A`` (scaled in place), and a replaced tensor's read."""
+        A and B as read and in the compute dtype, ``B @ A`` (scaled in place; an embedding's also in the
+        weight's dtype), a replaced tensor's read, ``lora_B.bias * scaling``."""
         lm = self.modules.get(key)
         n = 0
         if lm is not None:
             a, b = self.adapter_tensors[lm.a_key], self.adapter_tensors[lm.b_key]
             s = 8 if self._lora_dtype(self.tensors[key].dtype) == torch.float64 else 4
-            n += (a.nbytes + b.nbytes) + s * (a.numel + b.numel + math.prod(self.tensors[key].shape))
+            numel = math.prod(self.tensors[key].shape)
+            n += (a.nbytes + b.nbytes) + s * (a.numel + b.numel + numel)
+            if lm.embedding:   # the delta rounded to the weight's dtype, beside the float32 one
+                n += self.tensors[key].nbytes
         if key in self.replaced:
             n += self.adapter_tensors[self.replaced[key]].nbytes
         if key in self.bias_of:
