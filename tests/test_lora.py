@@ -326,6 +326,7 @@ def test_cli_errors_and_plan(tmp_path, capsys, zoo, adapter):
     with pytest.raises(CheckpointError, match="overlaps the input model"):
         plan_merge(cfg, os.path.join(adapter, "out"))
     plan = plan_merge(cfg, str(tmp_path / "o2"))
+    assert f"model[0]      {z}/base + LoRA {adapter}" in plan.describe()
     plain = plan_merge(parse_config(linear(f"{z}/base", f"{z}/ft0")), str(tmp_path / "o3"))
     cost = {it.keys[0]: it.cost for it in plan.items}
     base_cost = {it.keys[0]: it.cost for it in plain.items}

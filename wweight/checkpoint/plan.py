@@ -144,10 +144,10 @@ class MergePlan:
         c = self.config
         lines = [f"wweight merge plan ({c.source})",
                  f"  method        {c.method}",
-                 f"  base_model    {self.base.path if self.base else '-'}"]
+                 f"  base_model    {_label(self.base) if self.base else '-'}"]
         for i, m in enumerate(self.models):
             params = ", ".join(f"{k}={v}" for k, v in c.models[i].parameters.items())
-            lines.append(f"  model[{i}]      {m.path}" + (f"  ({params})" if params else ""))
+            lines.append(f"  model[{i}]      {_label(m)}" + (f"  ({params})" if params else ""))
         if c.parameters:
             lines.append("  parameters    " + ", ".join(f"{k}={v}" for k, v in c.parameters.items()))
         dts = sorted({str(d).replace('torch.', '') for d in self.compute_dtype.values()})
@@ -314,6 +314,11 @@ def per_model_value(cfg: MergeConfig, p: M.Param, key: str, model) -> Any:
         raise CheckpointError(f"{cfg.source}: {model.name}: parameters.{p.name} gives no value for tensor {key!r} "
                               f"(no filter matches it; merge_method {cfg.method!r} has no default {p.name})")
     return v
+
+
+def _label(ck) -> str:
+    """A model's directory in the plan, with its LoRA adapter (wweight/checkpoint/lora.py) if any."""
+    return ck.path + (f" + LoRA {ck.adapter}" if getattr(ck, "adapter", None) else "")
 
 
 def _group_item(keys, ref, n_in, outdt, cost) -> WorkItem:
