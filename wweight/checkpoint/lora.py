@@ -112,7 +112,9 @@ def _read_config(path: str, where: str) -> dict:
             raise CheckpointError(f"{path}: {why} ({k}: {cfg[k]!r})")
     if cfg.get("init_lora_weights") == "mica":
         raise CheckpointError(f"{path}: init_lora_weights 'mica' (a LoRA variant) is not supported")
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    cfg.setdefault("r", 8)             # LoraConfig's defaults, as PEFT fills in a config without them
+    cfg.setdefault("lora_alpha", 8)
+    r, alpha = cfg["r"], cfg["lora_alpha"]
     for name, v in (("r", r), ("lora_alpha", alpha)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise CheckpointError(f"{path}: {name} must be a number, got {v!r}")
