@@ -335,3 +335,67 @@ def test_cli_errors_and_plan(tmp_path, capsys, zoo, adapter):
     assert cost["model.norm.weight"] == base_cost["model.norm.weight"]
     for ck in plan.inputs + plain.inputs:
         ck.close()
+
+
+# ---------------------------------------------------------------- memory: the plan's bound holds with LoRA reads
+
+
+def _hand_adapter(d, model_dir, r, seed):
+    """A LoRA adapter in PEFT's file layout for every matrix of ``model_dir`` (no model class needed)."""
+    from safetensors.torch import save_file
+
+    from wweight.checkpoint import Checkpoint
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    with Checkpoint(model_dir) as ck:
+        for k in ck.keys:
+            shp = ck.tensors[k].shape
+            if len(shp) == 2:
+                m = "base_model.model." + k[: -len(".weight")]
+                sd[m + ".lora_A.weight"] = torch.randn(r, shp[1], generator=g)
+                sd[m + ".lora_B.weight"] = torch.randn(shp[0], r, generator=g) * 0.01
+    os.makedirs(d, exist_ok=True)
+    save_file(sd, os.path.join(d, "adapter_model.safetensors"))
+    with open(os.path.join(d, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r}, f)
+    return d
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+def test_peak_rss_within_bound_with_lora(tmp_path, capsys):
+    """tests/test_memory_budget.py's measurement (fresh child, peak RSS above the baseline) on a linear
+    merge whose first two inputs are base+adapter: the float32 B @ A of each read is in the item costs."""
+    import subprocess
+    import sys
+
+    import test_memory_budget as tm
+    from test_checkpoint_helpers import write_yaml
+    from wweight.checkpoint.plan import plan_merge
+    from wweight.config import load_config
+
+    paths = tm._zoo(str(tmp_path / "big"), tm.SHAPES, 0)
+    tiny = tm._zoo(str(tmp_path / "tiny"), [(64, 32), (32,), (32, 64)], 1)
+    ad, ad_t = _hand_adapter(str(tmp_path / "ad"), paths[0], 16, 0), _hand_adapter(str(tmp_path / "adt"), tiny[0], 2, 1)
+    w = [{"weight": x} for x in (0.5, 0.3, 0.2)]
+    cfg = write_yaml(tmp_path / "c.yaml", "linear", None, [f"{paths[0]}+{ad}", f"{paths[1]}+{ad}", paths[2]], w)
+    warm = write_yaml(tmp_path / "w.yaml", "linear", None, [f"{tiny[0]}+{ad_t}", tiny[1], tiny[2]], w)
+    budgets = ("16MB", "96MB")   # below the largest item (one at a time), and above it
+    proc = subprocess.run([sys.executable, "-c", tm._CHILD, warm, cfg, str(tmp_path / "out"), *budgets],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=300,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    plain = plan_merge(load_config(str(write_yaml(tmp_path / "p.yaml", "linear", None, paths, w))),
+                       str(tmp_path / "dry-p"), memory_budget="16MB", check_space=False)
+    for r, b in zip(res, budgets):
+        plan = plan_merge(load_config(str(cfg)), str(tmp_path / f"dry-{b}"), memory_budget=b, check_space=False)
+        assert r["bound"] == plan.bound
+        with capsys.disabled():
+            print(f"\nlinear + 2 LoRA inputs --memory-budget {b}: peak {r['delta'] / 2**20:.1f} MiB above the "
+                  f"baseline, bound {plan.bound / 2**20:.1f} MiB (largest item {plan.largest / 2**20:.1f} MiB, "
+                  f"without the adapters {plain.largest / 2**20:.1f} MiB)")
+        assert (plan.largest > plan.memory_budget) == (b == "16MB")
+        # before the merged add ran in row blocks, the 16MB case peaked at 120.8 MiB for a 65.6 MiB bound
+        assert r["delta"] <= plan.bound + tm.SLACK
+    assert plan.largest > plain.largest

@@ -71,6 +71,8 @@ _REFUSED_FIELDS = {
 #: transformers models whose projections are ``Conv1D`` (weight ``[in, out]``), and those modules
 CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp")
 CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
+#: elements per block of the merged add (its float32 temporaries: 2 x 4 bytes per element of a block)
+ADD_BLOCK = 1 << 18
 
 
 @dataclass
@@ -298,6 +300,9 @@ class LoraCheckpoint:
             n += (a.nbytes + b.nbytes) + s * (a.numel + b.numel + numel)
             if lm.embedding:   # the delta rounded to the weight's dtype, beside the float32 one
                 n += self.tensors[key].nbytes
+            elif self.tensors[key].dtype != self._lora_dtype(self.tensors[key].dtype):
+                cols = max(1, self.tensors[key].shape[1])
+                n += 2 * s * min(numel, max(1, ADD_BLOCK // cols) * cols)  # the add's block temporaries
         if key in self.replaced:
             n += self.adapter_tensors[self.replaced[key]].nbytes
         if key in self.bias_of:
@@ -325,7 +330,12 @@ class LoraCheckpoint:
             delta.mul_(lm.scaling)
             if lm.embedding:   # PEFT's Embedding.merge rounds the delta to the weight's dtype first
                 delta = delta.to(w.dtype)
-            w += delta         # PEFT's Linear.merge: base_layer.weight.data += delta_weight (one rounding)
+            # PEFT's Linear.merge: base_layer.weight.data += delta_weight (float32 sum, one rounding). On CPU a
+            # mixed-dtype in-place add casts w to float32 and computes into a float32 temporary: two more
+            # full-size copies; row blocks give the same elements with block-sized temporaries.
+            rows = max(1, ADD_BLOCK // max(1, w.shape[1]))
+            for i in range(0, w.shape[0], rows):
+                w[i:i + rows] += delta[i:i + rows]
         blm = self.bias_of.get(key)
         if blm is not None:
             lb = self._adapter(blm.bias_key).to(self._lora_dtype(w.dtype))
