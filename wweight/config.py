@@ -8,7 +8,7 @@
     models:
       - model: ./ft-math
         parameters: {weight: 1.0, density: 0.5}
-      - model: ./ft-code
+      - model: ./base+./code-lora      # MODEL+LORA: a PEFT LoRA adapter merged in on the fly
         parameters:
           weight: 1.0
           density: [{filter: mlp, value: 0.3}, {value: 0.5}]   # conditional (per tensor name)
@@ -23,8 +23,7 @@ entry whose ``filter`` is a substring of the tensor name (``None`` / ``"*"`` mat
 
 Not supported (a one-line error says so): ``slices`` / ``modules`` (layer surgery), parameter
 *gradients* (a list of numbers interpolated over layers), ``tokenizer_source: union`` and the
-``tokenizer`` block (vocabulary surgery), Hugging Face hub ids and ``model+lora`` references (models
-must be local directories), and every merge method outside :data:`METHODS`.
+``tokenizer`` block (vocabulary surgery), and every merge method outside :data:`METHODS`.
 
 Paths in the YAML are resolved against the current directory, as mergekit does. The file is read
 with ``yaml.safe_load`` only: a tag that would construct a Python object is a ``ConfigError``.
@@ -72,6 +71,12 @@ class ModelEntry:
     path: str                               # absolute, normalised path of the model directory
     parameters: Dict[str, Any] = field(default_factory=dict)
     name: str = ""                          # as written in the YAML (for messages)
+    lora: Optional[str] = None              # PEFT LoRA adapter merged in on the fly (``model: base+lora``)
+
+    @property
+    def ref(self):
+        """What identifies the model: (directory, adapter)."""
+        return (self.path, self.lora)
 
 
 @dataclass
@@ -206,12 +211,19 @@ def load_yaml(path: str) -> Any:
         loader.dispose()
 
 
-def _model_ref(v, where: str, src: str) -> str:
+def _model_ref(v, where: str, src: str, cwd: Optional[str] = None):
+    """(model, lora adapter or None) of a model reference, mergekit's ``MODEL(+LORA)?`` syntax
+    (``ModelReference.validate_string``: split on '+', two parts at most). A path containing '+'
+    that exists is a plain path (mergekit would split it)."""
     if not isinstance(v, str) or not v:
         raise ConfigError(f"{src}: {where} must be a path to a local model directory, got {v!r}")
-    if "+" in v and not os.path.exists(v):
-        raise ConfigError(f"{src}: {where} {v!r}: 'model+lora' references are not supported")
-    return v
+    if "+" not in v or os.path.exists(os.path.join(cwd or os.getcwd(), os.path.expanduser(v))):
+        return v, None
+    parts = v.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"{src}: {where} {v!r}: expected MODEL or MODEL+LORA_ADAPTER (one '+'), and no "
+                          "such path exists")
+    return parts[0], parts[1]
 
 
 def _check_param(name: str, value, where: str, src: str, method: str):
@@ -307,8 +319,8 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
 
     base = None
     if data.get("base_model") is not None:
-        b = _model_ref(data["base_model"], "base_model", src)
-        base = ModelEntry(absolute(b), {}, b)
+        b, lora = _model_ref(data["base_model"], "base_model", src, cwd)
+        base = ModelEntry(absolute(b), {}, data["base_model"], absolute(lora) if lora else None)
     elif spec.needs_base and not spec.base_optional:
         raise ConfigError(f"{src}: merge_method {method!r} needs base_model")
 
@@ -327,18 +339,18 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
         extra = set(m) - {"model", "parameters"}
         if extra:
             raise ConfigError(f"{src}: {where}: unknown key {sorted(extra)[0]!r}")
-        ref = _model_ref(m["model"], f"{where}.model", src)
+        ref, lora = _model_ref(m["model"], f"{where}.model", src, cwd)
         params = _params(m.get("parameters"), f"{where}.parameters", src, method, allowed_model)
-        entry = ModelEntry(absolute(ref), params, ref)
+        entry = ModelEntry(absolute(ref), params, m["model"], absolute(lora) if lora else None)
         # mergekit lists the base among `models` in many configs: for task-vector methods it is
         # not a task (its delta is zero) and mergekit drops it from the non-base inputs too.
-        if base is not None and spec.needs_base and entry.path == base.path:
+        if base is not None and spec.needs_base and entry.ref == base.ref:
             continue
         models.append(entry)
-    if not spec.needs_base and base is not None and all(e.path != base.path for e in models):
+    if not spec.needs_base and base is not None and all(e.ref != base.ref for e in models):
         # mergekit's linear merge takes base_model as one more input (its weight comes from the
         # top-level parameters): same here, first in the input order.
-        models.insert(0, ModelEntry(base.path, {}, base.name))
+        models.insert(0, ModelEntry(base.path, {}, base.name, base.lora))
     if not models:
         raise ConfigError(f"{src}: models must list at least one model besides base_model")
     n, lo, hi = len(models), spec.min_models, spec.max_models
@@ -348,9 +360,9 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
         raise ConfigError(f"{src}: merge_method {method!r} takes {want} model(s){besides}, got {n}")
     seen = set()
     for e in models:
-        if e.path in seen:
+        if e.ref in seen:
             raise ConfigError(f"{src}: model {e.name!r} is listed twice")
-        seen.add(e.path)
+        seen.add(e.ref)
 
     top = _params(data.get("parameters"), "parameters", src, method, allowed_top)
     for name in (p.name for p in spec.params if p.required):  # mergekit's weight / t: no default in a config
@@ -361,7 +373,7 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
             continue
         for i, e in enumerate(models):
             if name not in e.parameters and name not in top:
-                who = "base_model" if base is not None and e.path == base.path else f"models[{i}]"
+                who = "base_model" if base is not None and e.ref == base.ref else f"models[{i}]"
                 raise ConfigError(f"{src}: {who} ({e.name}) needs parameters.{name} "
                                   f"(merge_method {method!r} has no default {name})")
 

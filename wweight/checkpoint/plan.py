@@ -27,6 +27,7 @@ from .. import methods as M
 from ..config import MergeConfig
 from .atomic import AtomicOutputDir
 from .format import FLOATS, CheckpointError, human, itemsize, parse_size
+from .lora import open_model
 from .reader import Checkpoint, check_compatible
 from .writer import Shard, plan_shards
 
@@ -143,10 +144,10 @@ class MergePlan:
         c = self.config
         lines = [f"wweight merge plan ({c.source})",
                  f"  method        {c.method}",
-                 f"  base_model    {self.base.path if self.base else '-'}"]
+                 f"  base_model    {_label(self.base) if self.base else '-'}"]
         for i, m in enumerate(self.models):
             params = ", ".join(f"{k}={v}" for k, v in c.models[i].parameters.items())
-            lines.append(f"  model[{i}]      {m.path}" + (f"  ({params})" if params else ""))
+            lines.append(f"  model[{i}]      {_label(m)}" + (f"  ({params})" if params else ""))
         if c.parameters:
             lines.append("  parameters    " + ", ".join(f"{k}={v}" for k, v in c.parameters.items()))
         dts = sorted({str(d).replace('torch.', '') for d in self.compute_dtype.values()})
@@ -178,15 +179,16 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     # linear: the base (when given) is one of config.models, an ordinary input
-    base = (Checkpoint(config.base_model.path, what="base_model", allow_symlinks=allow_symlinks)
+    base = (open_model(config.base_model, what="base_model", allow_symlinks=allow_symlinks)
             if config.base_model and M.get(config.method).needs_base else None)
-    models = [Checkpoint(m.path, what=f"models[{i}] ({m.name})", allow_symlinks=allow_symlinks)
+    models = [open_model(m, what=f"models[{i}] ({m.name})", allow_symlinks=allow_symlinks)
               for i, m in enumerate(config.models)]
     ref = base or models[0]
     ck_all = ([base] if base else []) + models
     # Same architecture, keys, shapes, dtypes everywhere; the first mismatch is the error.
     check_compatible(ref, ck_all)
-    out = AtomicOutputDir(out_dir, overwrite=overwrite, inputs=[ck.path for ck in ck_all])
+    out = AtomicOutputDir(out_dir, overwrite=overwrite,   # a LoRA adapter's directory is an input too
+                          inputs=[p for ck in ck_all for p in getattr(ck, "input_paths", [ck.path])])
 
     keys = list(ref.keys)
     required = [p for p in M.get(config.method).params if p.required and p.scope == M.PER_MODEL]
@@ -199,8 +201,9 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
 
     def cost(kind, ks):
         t = ref.tensors[ks[0]]
-        return item_cost(config.method, kind, [tuple(ref.tensors[k].shape) for k in ks], t.dtype,
-                         compute[ks[0]], outdt[ks[0]], n_in, backend=be, device=dev.type)
+        lora = sum(ck.delta_bytes(k) for ck in ck_all if hasattr(ck, "delta_bytes") for k in ks)  # LoRA reads
+        return lora + item_cost(config.method, kind, [tuple(ref.tensors[k].shape) for k in ks], t.dtype,
+                                compute[ks[0]], outdt[ks[0]], n_in, backend=be, device=dev.type)
 
     for k in keys:
         info = ref.tensors[k]
@@ -311,6 +314,11 @@ def per_model_value(cfg: MergeConfig, p: M.Param, key: str, model) -> Any:
         raise CheckpointError(f"{cfg.source}: {model.name}: parameters.{p.name} gives no value for tensor {key!r} "
                               f"(no filter matches it; merge_method {cfg.method!r} has no default {p.name})")
     return v
+
+
+def _label(ck) -> str:
+    """A model's directory in the plan, with its LoRA adapter (wweight/checkpoint/lora.py) if any."""
+    return ck.path + (f" + LoRA {ck.adapter}" if getattr(ck, "adapter", None) else "")
 
 
 def _group_item(keys, ref, n_in, outdt, cost) -> WorkItem:
