@@ -125,3 +125,18 @@ def test_one_error_names_every_unsupported_key(zoo):
         assert part in msg, part
     with pytest.raises(ConfigError, match=r"^c.yaml: 'chat_template' is not supported by wweight$"):
         parse_config({"merge_method": "linear", "chat_template": "x", "models": [zoo["ft0"]]}, "c.yaml")
+
+
+def test_rebuilt_config_keeps_the_slices(zoo):
+    """A MergeConfig built in Python (no YAML text) writes its slices to mergekit_config.yml, and
+    mergekit reads that back as the same slices."""
+    from mergekit.config import MergeConfiguration
+    from wweight.checkpoint.card import equivalent_config
+
+    cfg = parse_config({"merge_method": "passthrough",
+                        "slices": [{"sources": [_src(zoo, "ft0", 0, 2, scale=0.5)]},
+                                   {"sources": [_src(zoo, "long", 3, 7)]}]})
+    cfg.raw = None
+    mk = MergeConfiguration.model_validate(equivalent_config(cfg))
+    assert [(s.sources[0].layer_range, s.sources[0].parameters) for s in mk.slices] == [((0, 2), {"scale": 0.5}),
+                                                                                       ((3, 7), None)]

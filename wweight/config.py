@@ -17,14 +17,19 @@
     out_dtype: bfloat16                # output dtype (default: dtype)
     tokenizer_source: base             # base | a referenced model | omitted (= base)
 
-Resolution follows mergekit's ``ConfigReader``: a model's own ``parameters`` win over the top-level
-``parameters``, which win over the method default; a list of ``{filter, value}`` picks the first
-entry whose ``filter`` is a substring of the tensor name (``None`` / ``"*"`` match all).
+Resolution follows mergekit's ``ConfigReader``: a model's own ``parameters`` win over the slice's,
+then the top-level ``parameters``, then the method default; a list of ``{filter, value}`` picks the
+first entry whose ``filter`` is a substring of the tensor name (``None`` / ``"*"`` match all). A
+list of numbers is a *gradient*, interpolated over the layer position ``t``
+(:func:`wweight.config_params.evaluate_setting`; ``t`` per tensor: :mod:`wweight.checkpoint.slices`).
+``slices:`` (:mod:`wweight.config_slices`) stacks layer ranges of the models (passthrough
+frankenmerges) or merges equal-length ranges of several sources per slice.
 
-Not supported (a one-line error says so): ``slices`` / ``modules`` (layer surgery), parameter
-*gradients* (a list of numbers interpolated over layers), ``tokenizer_source: union`` and the
-``tokenizer`` block (vocabulary surgery), Hugging Face hub ids and ``model+lora`` references (models
-must be local directories), and every merge method outside :data:`METHODS`.
+Supported / not (the README's "Whole checkpoints" has the table): models, slices, parameters,
+filters, gradients, base_model (top-level and per slice), dtype, out_dtype, tokenizer_source base /
+a model. Refused, all of them named in one one-line ConfigError: ``modules``, the ``tokenizer``
+block, ``tokenizer_source: union``, ``chat_template``, ``slices[i].residual_weight``, unknown keys
+and merge methods outside :data:`METHODS`; gradients of integer parameters.
 
 Paths in the YAML are resolved against the current directory, as mergekit does. The file is read
 with ``yaml.safe_load`` only: a tag that would construct a Python object is a ``ConfigError``.
