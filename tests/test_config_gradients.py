@@ -256,3 +256,27 @@ def test_bad_gradients_name_the_field(zoo):
     with pytest.raises(ConfigError, match=r"parameters.max_iter: gradients of the integer parameter"):
         parse_config({"merge_method": "karcher", "models": [{"model": zoo["ft0"]}, {"model": zoo["ft1"]}],
                       "parameters": {"max_iter": [2, 8]}})
+
+
+def test_iso_alpha_gradient_per_layer(tmp_path, capsys, zoo):
+    """iso_c (not in mergekit) with an ``alpha`` gradient: each layer's tensors equal
+    ``merge_state_dicts`` of that layer alone at its position's alpha (the batched groups are cut
+    per layer position only when a setting is a gradient)."""
+    import wweight
+    from test_checkpoint_helpers import run_main
+
+    cfg = {"merge_method": "iso_c", "base_model": zoo["base"], "models": [{"model": zoo["ft0"]}, {"model": zoo["ft1"]}],
+           "parameters": {"alpha": [0.5, 1.5]}}
+    path = tmp_path / "iso.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run_main(capsys, "merge", path, tmp_path / "iso", "-q")
+    assert code == 0, err
+    got = load_dir(tmp_path / "iso")
+    base, fts = load_dir(zoo["base"]), [load_dir(zoo["ft0"]), load_dir(zoo["ft1"])]
+    for layer in (0, 2, 4):
+        ks = [k for k in base if k.startswith(f"model.layers.{layer}.") and base[k].dim() == 2]
+        alpha = 0.5 + layer / 4
+        want = wweight.merge_state_dicts("iso_c", {k: base[k] for k in ks}, [{k: f[k] for k in ks} for f in fts],
+                                         alpha=alpha)
+        for k in ks:
+            assert torch.equal(got[k], want[k].to(got[k].dtype)), (k, alpha)

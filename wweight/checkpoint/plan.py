@@ -265,10 +265,13 @@ def plan_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget
         # groups of their own) at the same layer position and of the same slice, as many keys as
         # keep the group's cost within the budget, one at least.
         by_shape: Dict[Any, List[str]] = {}
+        graded = any(_is_gradient(v) for ps in [config.parameters] + [sl.parameters for sl in config.slices or []]
+                     for v in ps.values())
         for k in iso_keys:
             shp = tuple(infos[k].shape)
             src = sources.get(k) or _MODELS_FORM
-            where = (src.t, id(src.slice), n_in(k))
+            # t only matters where a setting is a gradient: otherwise keys of every layer batch together
+            where = (src.t if graded else None, id(src.slice), n_in(k))
             by_shape.setdefault((shp if len(shp) == 2 else "other", compute[k], outdt[k]) + where, []).append(k)
         for ks in by_shape.values():
             cur: List[str] = []
@@ -348,6 +351,16 @@ class Ledger:
 
 
 _MODELS_FORM = KeySource()
+
+
+def _is_gradient(setting) -> bool:
+    """A validated setting that varies with the layer position: a list of 2+ scalars, or filters
+    with one as a value."""
+    if isinstance(setting, list):
+        if setting and all(isinstance(c, dict) for c in setting):
+            return any(_is_gradient(c["value"]) for c in setting)
+        return len(setting) > 1
+    return False
 
 
 def merged_inputs(cfg: MergeConfig, src: KeySource, key: str):
