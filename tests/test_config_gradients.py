@@ -203,7 +203,8 @@ CASES = {
     "ties": {"merge_method": "ties", "base_model": "base",
              "models": [{"model": "ft0", "parameters": {"weight": [1.0, 0.2], "density": [0.2, 0.9, 0.5]}},
                         {"model": "ft1", "parameters": {"weight": [{"filter": "mlp", "value": [0.3, 1]},
-                                                                   {"value": 0.6}], "density": 0.5}}],
+                                                                   {"value": 0.6}],
+                                                        "density": ["5e-1", "2e-1"]}}],   # YAML 1.1: strings
              "parameters": {"normalize": [True, False]}},
     "linear": {"merge_method": "linear",
                "models": [{"model": "ft0", "parameters": {"weight": [0, 1]}},

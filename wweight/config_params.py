@@ -60,6 +60,13 @@ def check_param(name: str, value, where: str, src: str, method: str):
             if not isinstance(v, bool):
                 bad("true or false")
             return v
+        if isinstance(v, str):
+            # PyYAML (YAML 1.1) reads 1e-3 as the string "1e-3"; mergekit's pydantic validation makes
+            # a float of a numeric string, so does this
+            try:
+                v = float(v.strip())
+            except ValueError:
+                bad("a finite number")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
             bad("a finite number")
         if spec.kind is int and float(v) != int(v):
