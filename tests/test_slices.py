@@ -62,6 +62,23 @@ def test_models_of_different_layer_counts_and_scale(tmp_path, capsys, zoo):
     _check(tmp_path, capsys, cfg, 8, "mixed")
 
 
+def test_per_model_filters_match_the_input_tensor_names(tmp_path, capsys, zoo):
+    """mergekit's resolve_parameters: every filter of a per-model parameter (the source's, the
+    slice's) sees that source's *input* tensor name (source layer 3 = output layer 1 here), not the
+    renumbered output name."""
+    cfg = {"merge_method": "passthrough",
+           "slices": [{"sources": [_src(zoo, "ft0", 2, 5, scale=[{"filter": "layers.3.", "value": 0.5},
+                                                                 {"value": 1.0}])]},
+                      {"sources": [_src(zoo, "ft1", 0, 2)],
+                       "parameters": {"scale": [{"filter": "layers.1.", "value": 2.0}, {"value": 1.0}]}}]}
+    ww = _check(tmp_path, capsys, cfg, 5, "filters")
+    ft0, ft1 = load_dir(zoo["ft0"]), load_dir(zoo["ft1"])
+    k = "mlp.up_proj.weight"
+    assert torch.equal(ww[f"model.layers.1.{k}"], (ft0[f"model.layers.3.{k}"] * 0.5))    # input layer 3
+    assert torch.equal(ww[f"model.layers.4.{k}"], (ft1[f"model.layers.1.{k}"] * 2.0))    # input layer 1
+    assert torch.equal(ww[f"model.layers.3.{k}"], ft1[f"model.layers.0.{k}"])
+
+
 def test_merged_slices_with_per_slice_parameters_and_base(tmp_path, capsys, zoo):
     """Each slice a merge of its sources over equal-length ranges: slerp with a per-slice t gradient
     and a per-slice base_model; task_arithmetic with the base among the sources and per-source weights."""
@@ -75,8 +92,17 @@ def test_merged_slices_with_per_slice_parameters_and_base(tmp_path, capsys, zoo)
            "slices": [{"sources": [_src(zoo, "base", 0, 5), _src(zoo, "ft0", 0, 5, weight=[0.2, 1.0]),
                                    _src(zoo, "ft1", 0, 5, weight=0.5)]},
                       {"sources": [_src(zoo, "base", 3, 5), _src(zoo, "ft2", 3, 5)],
-                       "parameters": {"weight": 0.7}}]}
-    _check(tmp_path, capsys, cfg, 7, "ta")
+                       "parameters": {"weight": 0.7}}],
+           # a shared parameter's filter sees the output name: output layer 5 is input layer 3
+           "parameters": {"lambda": [{"filter": "layers.5.", "value": 3.0}, {"value": 1.0}]}}
+    ww = _check(tmp_path, capsys, cfg, 7, "ta")
+    base, ft2 = load_dir(zoo["base"]), load_dir(zoo["ft2"])
+    k = "mlp.up_proj.weight"
+    b3 = base[f"model.layers.3.{k}"].float()
+    d3 = ft2[f"model.layers.3.{k}"].float() - b3
+    got = ww[f"model.layers.5.{k}"].float()
+    # lambda 3 applied (bf16 roundings aside), not lambda 1
+    assert (got - (b3 + 2.1 * d3)).abs().mean() < 0.2 * (2.1 * d3 - 0.7 * d3).abs().mean()
 
 
 def test_bad_slices_name_the_field(tmp_path, capsys, zoo):

@@ -160,16 +160,17 @@ class MergePlan:
 
     def describe(self) -> str:
         c = self.config
+        base = self.base.path if self.base else c.base_model.path if c.slices and c.base_model else "-"
         lines = [f"wweight merge plan ({c.source})",
                  f"  method        {c.method}",
-                 f"  base_model    {self.base.path if self.base else '-'}"]
+                 f"  base_model    {base}"]
         for i, m in enumerate(self.models):
             params = ", ".join(f"{k}={v}" for k, v in c.models[i].parameters.items())
             lines.append(f"  model[{i}]      {m.path}" + (f"  ({params})" if params else ""))
         for i, sl in enumerate(c.slices or []):
             srcs = " + ".join(f"{x.model.name} {list(x.layer_range)}" for x in sl.sources)
-            base = f"  (base {sl.base_model.name})" if sl.has_base(c.method) else ""
-            lines.append(f"  slices[{i}]     {srcs}{base}")
+            via = f"  (base {sl.base_model.name})" if sl.has_base(c.method) else ""
+            lines.append(f"  slices[{i}]     {srcs}{via}")
         if c.parameters:
             lines.append("  parameters    " + ", ".join(f"{k}={v}" for k, v in c.parameters.items()))
         dts = sorted({str(d).replace('torch.', '') for d in self.compute_dtype.values()})
