@@ -48,9 +48,14 @@ def test_passthrough_frankenmerge_overlapping_ranges(tmp_path, capsys, zoo):
 
 
 def test_layer_swapping_recipe(tmp_path, capsys, zoo):
-    """The "layer swapping" recipe: single-layer slices alternating between two fine-tunes."""
+    """The "layer swapping" recipe: single-layer slices alternating between two fine-tunes. A
+    ``scale`` gradient: a one-layer slice is at t = 1 (scale 1), embeddings / lm_head at t = 0 (0.5)."""
     slices = [{"sources": [_src(zoo, "ft0" if i % 2 == 0 else "ft1", i, i + 1)]} for i in range(5)]
-    _check(tmp_path, capsys, {"merge_method": "passthrough", "slices": slices}, 5, "swap")
+    ww = _check(tmp_path, capsys, {"merge_method": "passthrough", "slices": slices, "parameters": {"scale": [0.5, 1]}},
+                5, "swap")
+    ft0, ft1 = load_dir(zoo["ft0"]), load_dir(zoo["ft1"])
+    assert torch.equal(ww["model.layers.3.mlp.up_proj.weight"], ft1["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(ww["model.embed_tokens.weight"], ft0["model.embed_tokens.weight"] * 0.5)
 
 
 def test_models_of_different_layer_counts_and_scale(tmp_path, capsys, zoo):
