@@ -24,14 +24,14 @@ mk_config = pytest.importorskip("mergekit.config")
 
 # ----- tiny HF-layout Llama models with any number of layers (shared with test_slices.py) -----
 
-def make_model(path, num_layers, seed, base=None, delta=0.05):
-    """A Llama-layout checkpoint of ``num_layers`` layers (hidden 32) in ``path``; with ``base`` (a
-    state dict), base + noise for the keys they share."""
+def make_model(path, num_layers, seed, base=None, delta=0.05, hidden=32):
+    """A Llama-layout checkpoint of ``num_layers`` layers (``hidden`` wide) in ``path``; with ``base``
+    (a state dict), base + noise for the keys they share."""
     from safetensors.torch import save_file
     from wweight.examples.zoo import llama_config, llama_shapes
 
     cfg = llama_config("tiny", torch.bfloat16)
-    cfg.update(hidden_size=32, intermediate_size=48, vocab_size=40, num_hidden_layers=num_layers,
+    cfg.update(hidden_size=hidden, intermediate_size=48, vocab_size=40, num_hidden_layers=num_layers,
                num_attention_heads=2, num_key_value_heads=1)
     g = torch.Generator().manual_seed(seed)
     sd = {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wweight.config import ConfigError, parse_config
-from test_config_gradients import assert_identical, both, load_dir, make_zoo
+from test_config_gradients import assert_identical, both, load_dir, make_model, make_zoo
 
 pytest.importorskip("mergekit.merge")
 
@@ -171,3 +171,20 @@ def test_rebuilt_config_keeps_the_slices(zoo):
     mk = MergeConfiguration.model_validate(equivalent_config(cfg))
     assert [(s.sources[0].layer_range, s.sources[0].parameters) for s in mk.slices] == [((0, 2), {"scale": 0.5}),
                                                                                        ((3, 7), None)]
+
+
+def test_sources_of_other_shapes_are_named(tmp_path, capsys, zoo):
+    """A merged slice over models of different widths: the first mismatching tensor and both models
+    are named, before anything is written."""
+    from test_checkpoint_helpers import run_main
+    import yaml
+
+    make_model(str(tmp_path / "wide"), 5, 7, hidden=48)
+    cfg = {"merge_method": "slerp", "base_model": zoo["ft0"], "parameters": {"t": 0.5},
+           "slices": [{"sources": [_src(zoo, "ft0", 0, 2), {"model": str(tmp_path / "wide"), "layer_range": [1, 3]}]}]}
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, _, err = run_main(capsys, "merge", path, tmp_path / "o", "-q")
+    assert code == 1 and "Traceback" not in err
+    assert "wide" in err and "'model.embed_tokens.weight' is [40, 48]" in err and "is [40, 32]" in err, err
+    assert not (tmp_path / "o").exists()
