@@ -130,7 +130,9 @@ def test_bad_slices_name_the_field(tmp_path, capsys, zoo):
         ({"merge_method": "ties", "base_model": zoo["base"],
           "slices": [{"sources": [_src(zoo, "ft0", 0, 2, weight=1), _src(zoo, "ft1", 0, 2, weight=1)]}]},
          r"slices\[0\].sources must include base_model"),
-        ({"merge_method": "passthrough", "slices": []}, r"slices must be a non-empty list"),
+        ({"merge_method": "passthrough", "slices": []}, r"or slices a non-empty list"),
+        ({"merge_method": "passthrough", "slices": [{"sources": [_src(zoo, "ft0", 0, 2)]}], "models": [zoo["ft1"]]},
+         r"either models or slices, not both"),
         (pt(_src(zoo, "ft0", 0, 2, density=0.5)), r"slices\[0\].sources\[0\].parameters.density is not a parameter"),
     ]:
         with pytest.raises(ConfigError, match=pattern):

@@ -243,7 +243,8 @@ def _parse_models(data, src, method, spec, base, top, absolute) -> List[ModelEnt
     """``models: [{model, parameters}]``, checked against the method (counts, required parameters)."""
     raw_models = data.get("models")
     if not isinstance(raw_models, list) or not raw_models:
-        raise ConfigError(f"{src}: models must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+        also = " (or slices a non-empty list of {sources: [{model, layer_range}]})" if "slices" in data else ""
+        raise ConfigError(f"{src}: models must be a non-empty list of {{model: PATH, parameters: {{...}}}}{also}")
     allowed_model = spec.names(M.PER_MODEL)
     models: List[ModelEntry] = []
     for i, m in enumerate(raw_models):
@@ -335,16 +336,16 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
     if data.get("base_model") is not None:
         b = _model_ref(data["base_model"], "base_model", src)
         base = ModelEntry(absolute(b), {}, b)
-    elif spec.needs_base and not spec.base_optional and data.get("slices") is None:
+    elif spec.needs_base and not spec.base_optional and not data.get("slices"):
         raise ConfigError(f"{src}: merge_method {method!r} needs base_model")
     allowed_model = spec.names(M.PER_MODEL)
     allowed_top = spec.names(M.SHARED) + allowed_model
     top = _params(data.get("parameters"), "parameters", src, method, allowed_top)
     slices = None
-    if data.get("slices") is not None:
+    if data.get("slices"):   # an empty list is no slices, as in mergekit (then models must be given)
         from .config_slices import parse_slices
 
-        if data.get("models") is not None:
+        if data.get("models"):
             raise ConfigError(f"{src}: give either models or slices, not both (as mergekit)")
         def entry(v, where, params):
             ref = _model_ref(v, where, src)
