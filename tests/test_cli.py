@@ -142,12 +142,13 @@ def test_bad_configs(tmp_path, capsys, zoo):
     _expect_error(capsys, tmp_path, ["merge", cfg, out], r"models\[0\].parameters.density must be in \(0, 1\]")
     cfg = write_yaml(tmp_path / "e.yaml", "della", b, m, [{"weight": 1, "epsilon": "x"}] * 3)
     _expect_error(capsys, tmp_path, ["merge", cfg, out], r"epsilon must be a finite number")
-    cfg = write_yaml(tmp_path / "g.yaml", "ties", b, m, [{"weight": [0.1, 0.9]}] * 3)
-    _expect_error(capsys, tmp_path, ["merge", cfg, out], r"gradients")
+    cfg = write_yaml(tmp_path / "g.yaml", "ties", b, m, [{"weight": []}] * 3)   # gradients work; empty ones do not
+    _expect_error(capsys, tmp_path, ["merge", cfg, out], r"models\[0\].parameters.weight: an empty list")
     cfg = write_yaml(tmp_path / "w.yaml", "task_arithmetic", b, m)
     _expect_error(capsys, tmp_path, ["merge", cfg, out], r"models\[0\].*needs parameters.weight")
-    cfg = write_yaml(tmp_path / "s.yaml", "ties", b, m, [{"weight": 1}] * 3, slices=[])
-    _expect_error(capsys, tmp_path, ["merge", cfg, out], r"slices are not supported")
+    cfg = write_yaml(tmp_path / "s.yaml", "ties", b, m, [{"weight": 1}] * 3,
+                     slices=[{"sources": [{"model": str(m[0]), "layer_range": [0, 1]}]}])
+    _expect_error(capsys, tmp_path, ["merge", cfg, out], r"either models or slices, not both")
     _expect_error(capsys, tmp_path, ["merge", tmp_path / "nope.yaml", out], r"nope.yaml: config file not found")
     _expect_error(capsys, tmp_path, ["merge", cfg], r"required", code=2)
 

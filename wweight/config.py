@@ -17,13 +17,20 @@
     out_dtype: bfloat16                # output dtype (default: dtype)
     tokenizer_source: base             # base | a referenced model | omitted (= base)
 
-Resolution follows mergekit's ``ConfigReader``: a model's own ``parameters`` win over the top-level
-``parameters``, which win over the method default; a list of ``{filter, value}`` picks the first
-entry whose ``filter`` is a substring of the tensor name (``None`` / ``"*"`` match all).
+Resolution follows mergekit's ``ConfigReader``: a model's own ``parameters`` win over the slice's,
+then the top-level ``parameters``, then the method default; a list of ``{filter, value}`` picks the
+first entry whose ``filter`` is a substring of the tensor name (``None`` / ``"*"`` match all). A
+list of numbers is a *gradient*, interpolated over the layer position ``t``
+(:func:`wweight.config_params.evaluate_setting`; ``t`` per tensor: :mod:`wweight.checkpoint.slices`).
+``slices:`` (:mod:`wweight.config_slices`) stacks layer ranges of the models (passthrough
+frankenmerges) or merges equal-length ranges of several sources per slice.
 
-Not supported (a one-line error says so): ``slices`` / ``modules`` (layer surgery), parameter
-*gradients* (a list of numbers interpolated over layers), ``tokenizer_source: union`` and the
-``tokenizer`` block (vocabulary surgery), and every merge method outside :data:`METHODS`.
+Supported / not (the README's "Whole checkpoints" has the table): models, slices, parameters,
+filters, gradients, base_model (top-level and per slice), ``model+lora`` references
+(:mod:`wweight.checkpoint.lora`), dtype, out_dtype, tokenizer_source base / a model. Refused, all
+of them named in one one-line ConfigError: ``modules``, the ``tokenizer`` block, ``tokenizer_source:
+union``, ``chat_template``, ``slices[i].residual_weight``, unknown keys and merge methods outside
+:data:`METHODS`; gradients of integer parameters.
 
 Paths in the YAML are resolved against the current directory, as mergekit does. The file is read
 with ``yaml.safe_load`` only: a tag that would construct a Python object is a ``ConfigError``.
@@ -31,15 +38,17 @@ with ``yaml.safe_load`` only: a tag that would construct a Python object is a ``
 from __future__ import annotations
 
 import copy
-import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from . import methods as M
 from ._hub import looks_like_hub_id
+from .config_params import ConfigError, evaluate_setting, parse_params as _params
+
+__all__ = ["ConfigError", "MergeConfig", "ModelEntry", "evaluate_setting", "load_config", "parse_config"]
 
 #: Methods the YAML accepts, their parameters, scopes, defaults and ranges: the one registry.
 METHODS = M.MERGE_METHODS
@@ -52,18 +61,13 @@ DTYPE_NAMES = {
     "float64": torch.float64, "fp64": torch.float64,
 }
 
-_TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+_TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "name")
 _UNSUPPORTED_TOP = {
-    "slices": "layer slices are not supported by wweight (use mergekit for layer surgery)",
     "modules": "'modules' is not supported by wweight",
     "tokenizer": "the 'tokenizer' block (vocabulary surgery) is not supported; use tokenizer_source",
     "chat_template": "'chat_template' is not supported by wweight",
 }
-
-
-class ConfigError(ValueError):
-    """A bad merge configuration; the message names the file and the offending field."""
 
 
 @dataclass
@@ -90,12 +94,19 @@ class MergeConfig:
     tokenizer_source: Optional[str]         # absolute path of the model whose tokenizer is copied
     source: str = "<config>"
     raw: Any = None                         # the YAML as given (written to OUT_DIR/mergekit_config.yml)
+    #: ``slices:`` (wweight.config_slices.SliceDef); then ``models`` lists every referenced model once,
+    #: without parameters (each source carries its own), and ``base_model`` is the top-level one
+    slices: Optional[List[Any]] = None
 
-    def resolve(self, name: str, tensor_name: str, model: Optional[ModelEntry] = None, default=None):
-        """Value of parameter ``name`` for ``tensor_name`` (and ``model`` for per-model ones)."""
-        for params in ((model.parameters if model is not None else None), self.parameters):
+    def resolve(self, name: str, tensor_name: str, model: Optional[ModelEntry] = None, default=None, *,
+                t: float = 0.0, slice: Any = None):
+        """Value of parameter ``name`` for ``tensor_name`` at layer position ``t`` (and ``model`` for
+        per-model ones), as mergekit's ``ConfigReader``: the model's own (slice source) parameters,
+        then the slice's, then the top-level ones; the first that gives a value wins."""
+        for params in ((model.parameters if model is not None else None),
+                       (slice.parameters if slice is not None else None), self.parameters):
             if params and name in params:
-                v = evaluate_setting(params[name], tensor_name)
+                v = evaluate_setting(params[name], tensor_name, t)
                 if v is not None:
                     return v
         return default
@@ -103,17 +114,6 @@ class MergeConfig:
     @property
     def is_iso(self) -> bool:
         return self.method in ISO_METHODS
-
-
-def evaluate_setting(setting, tensor_name: str):
-    """mergekit's ``evaluate_setting`` for scalars and ``{filter, value}`` lists (no gradients)."""
-    if isinstance(setting, list):
-        for cond in setting:
-            f = cond.get("filter")
-            if f is None or f == "*" or (tensor_name and f in tensor_name):
-                return cond["value"]
-        return None
-    return setting
 
 
 def parse_dtype(name, argname: str = "dtype") -> Optional[torch.dtype]:
@@ -191,7 +191,8 @@ def load_yaml(path: str) -> Any:
         try:
             n = _expanded_size(node, MAX_CONFIG_NODES)
         except (ValueError, RecursionError) as e:
-            raise ConfigError(f"{path}: YAML not allowed: {e if isinstance(e, ValueError) else 'nested too deeply'}") from None
+            why = e if isinstance(e, ValueError) else "nested too deeply"
+            raise ConfigError(f"{path}: YAML not allowed: {why}") from None
         if n > MAX_CONFIG_NODES:
             raise ConfigError(f"{path}: YAML expands to more than {MAX_CONFIG_NODES} nodes (aliases / "
                               "anchors multiplying the document); refusing to load it")
@@ -226,109 +227,39 @@ def _model_ref(v, where: str, src: str, cwd: Optional[str] = None):
     return parts[0], parts[1]
 
 
-def _check_param(name: str, value, where: str, src: str, method: str):
-    spec = M.get(method).param(name)
-
-    def bad(expected):
-        raise ConfigError(f"{src}: {where}.{name} must be {expected}, got {value!r}")
-
-    def one(v):
-        if spec.kind is bool:
-            if not isinstance(v, bool):
-                bad("true or false")
-            return v
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
-            if isinstance(v, list) and v and all(isinstance(e, (int, float)) for e in v):
-                raise ConfigError(f"{src}: {where}.{name}: parameter gradients (lists of numbers "
-                                  "interpolated over layers) are not supported by wweight")
-            bad("a finite number")
-        if spec.kind is int and float(v) != int(v):
-            bad("an integer")
-        v = float(v)
-        if v not in spec.config_range:
-            bad(f"in {spec.config_range}")
-        return v
-
-    if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
-        out = []
-        for i, cond in enumerate(value):
-            extra = set(cond) - {"filter", "value"}
-            if extra or "value" not in cond:
-                raise ConfigError(f"{src}: {where}.{name}[{i}] must be {{filter, value}}, got {cond!r}")
-            if cond.get("filter") is not None and not isinstance(cond["filter"], str):
-                raise ConfigError(f"{src}: {where}.{name}[{i}].filter must be a string")
-            out.append({"filter": cond.get("filter"), "value": one(cond["value"])})
-        return out
-    if isinstance(value, dict) and "value" in value:
-        return _check_param(name, [value], where, src, method)
-    return one(value)
-
-
-def _params(raw, where: str, src: str, method: str, allowed: Sequence[str]) -> Dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: {where} must be a mapping, got {type(raw).__name__}")
-    out = {}
-    for k, v in raw.items():
-        if k not in allowed:
-            raise ConfigError(f"{src}: {where}.{k} is not a parameter of merge_method {method!r} "
-                              f"(allowed: {', '.join(allowed) or 'none'})")
-        out[k] = _check_param(k, v, where, src, method)
-    return out
-
-
-def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = None) -> MergeConfig:
-    """Validate a mergekit-style config (already loaded from YAML) into a :class:`MergeConfig`.
-
-    Model paths are made absolute against ``cwd`` (default: the current directory). Existence of
-    the directories is checked by the engine (``wweight.checkpoint``), not here.
-    """
-    src = source
-    if not isinstance(data, dict):
-        raise ConfigError(f"{src}: the config must be a YAML mapping, got {type(data).__name__}")
+def _refuse_unsupported(data: dict, src: str) -> None:
+    """Everything in ``data`` that mergekit accepts (or nobody does) and wweight refuses: ONE
+    ConfigError naming all of it (one problem: its own message, as before)."""
+    problems = []
     for k in data:
         if k in _UNSUPPORTED_TOP:
-            raise ConfigError(f"{src}: {_UNSUPPORTED_TOP[k]}")
-        if k not in _TOP_KEYS:
-            raise ConfigError(f"{src}: unknown top-level key {k!r} (expected one of {', '.join(_TOP_KEYS)})")
+            problems.append(_UNSUPPORTED_TOP[k])
+        elif k not in _TOP_KEYS:
+            problems.append(f"unknown top-level key {k!r} (expected one of {', '.join(_TOP_KEYS)})")
+    if data.get("tokenizer_source") == "union":
+        problems.append("tokenizer_source 'union' (vocabulary merging) is not supported; use 'base' or one of "
+                        "the models")
+    slices = data.get("slices")
+    if isinstance(slices, list):
+        for i, s in enumerate(slices):
+            if isinstance(s, dict) and "residual_weight" in s:
+                problems.append(f"slices[{i}].residual_weight is not supported by wweight")
     method = data.get("merge_method")
-    if method is None:
-        raise ConfigError(f"{src}: merge_method is required")
-    # Types first, each error naming its field: a list where a name belongs otherwise surfaces as
-    # "unhashable type: 'list'" from a lookup far from the field.
-    if not isinstance(method, str):
-        raise ConfigError(f"{src}: merge_method must be a method name (one of {', '.join(METHODS)}), "
-                          f"got {type(method).__name__}")
-    for k, kinds, what in (("name", (str,), "a string"), ("dtype", (str,), "a dtype name"),
-                           ("out_dtype", (str,), "a dtype name"), ("base_model", (str,), "a model path"),
-                           ("tokenizer_source", (str,), "'base' or a model path"),
-                           ("parameters", (dict,), "a mapping"), ("models", (list,), "a list")):
-        if data.get(k) is not None and not isinstance(data[k], kinds):
-            raise ConfigError(f"{src}: {k} must be {what}, got {type(data[k]).__name__}")
-    if method not in METHODS:
-        raise ConfigError(f"{src}: unknown merge_method {method!r} (wweight supports {', '.join(METHODS)})")
-    spec = M.get(method)
-    cwd = cwd or os.getcwd()
+    if isinstance(method, str) and method not in METHODS:
+        problems.append(f"unknown merge_method {method!r} (wweight supports {', '.join(METHODS)})")
+    if len(problems) == 1:
+        raise ConfigError(f"{src}: {problems[0]}")
+    if problems:
+        raise ConfigError(f"{src}: {len(problems)} unsupported settings: " + "; ".join(problems))
 
-    def absolute(p):
-        local = os.path.normpath(os.path.join(cwd, os.path.expanduser(p)))
-        # "org/name" that is not a local directory: a Hugging Face id, resolved by the reader
-        # from the local cache (wweight/_hub.py)
-        return p if not os.path.isdir(local) and looks_like_hub_id(p) else local
 
-    base = None
-    if data.get("base_model") is not None:
-        b, lora = _model_ref(data["base_model"], "base_model", src, cwd)
-        base = ModelEntry(absolute(b), {}, data["base_model"], absolute(lora) if lora else None)
-    elif spec.needs_base and not spec.base_optional:
-        raise ConfigError(f"{src}: merge_method {method!r} needs base_model")
-
+def _parse_models(data, src, method, spec, base, top, entry) -> List[ModelEntry]:
+    """``models: [{model, parameters}]``, checked against the method (counts, required parameters)."""
     raw_models = data.get("models")
     if not isinstance(raw_models, list) or not raw_models:
-        raise ConfigError(f"{src}: models must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+        also = " (or slices a non-empty list of {sources: [{model, layer_range}]})" if "slices" in data else ""
+        raise ConfigError(f"{src}: models must be a non-empty list of {{model: PATH, parameters: {{...}}}}{also}")
     allowed_model = spec.names(M.PER_MODEL)
-    allowed_top = spec.names(M.SHARED) + allowed_model
     models: List[ModelEntry] = []
     for i, m in enumerate(raw_models):
         where = f"models[{i}]"
@@ -339,14 +270,13 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
         extra = set(m) - {"model", "parameters"}
         if extra:
             raise ConfigError(f"{src}: {where}: unknown key {sorted(extra)[0]!r}")
-        ref, lora = _model_ref(m["model"], f"{where}.model", src, cwd)
         params = _params(m.get("parameters"), f"{where}.parameters", src, method, allowed_model)
-        entry = ModelEntry(absolute(ref), params, m["model"], absolute(lora) if lora else None)
+        e = entry(m["model"], f"{where}.model", params)
         # mergekit lists the base among `models` in many configs: for task-vector methods it is
         # not a task (its delta is zero) and mergekit drops it from the non-base inputs too.
-        if base is not None and spec.needs_base and entry.ref == base.ref:
+        if base is not None and spec.needs_base and e.ref == base.ref:
             continue
-        models.append(entry)
+        models.append(e)
     if not spec.needs_base and base is not None and all(e.ref != base.ref for e in models):
         # mergekit's linear merge takes base_model as one more input (its weight comes from the
         # top-level parameters): same here, first in the input order.
@@ -364,7 +294,6 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
             raise ConfigError(f"{src}: model {e.name!r} is listed twice")
         seen.add(e.ref)
 
-    top = _params(data.get("parameters"), "parameters", src, method, allowed_top)
     for name in (p.name for p in spec.params if p.required):  # mergekit's weight / t: no default in a config
         if spec.param(name).scope == M.SHARED:
             if name not in top:
@@ -376,6 +305,67 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
                 who = "base_model" if base is not None and e.ref == base.ref else f"models[{i}]"
                 raise ConfigError(f"{src}: {who} ({e.name}) needs parameters.{name} "
                                   f"(merge_method {method!r} has no default {name})")
+
+    return models
+
+
+def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = None) -> MergeConfig:
+    """Validate a mergekit-style config (already loaded from YAML) into a :class:`MergeConfig`.
+
+    Model paths are made absolute against ``cwd`` (default: the current directory). Existence of
+    the directories is checked by the engine (``wweight.checkpoint``), not here.
+    """
+    src = source
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: the config must be a YAML mapping, got {type(data).__name__}")
+    _refuse_unsupported(data, src)
+    method = data.get("merge_method")
+    if method is None:
+        raise ConfigError(f"{src}: merge_method is required")
+    # Types first, each error naming its field: a list where a name belongs otherwise surfaces as
+    # "unhashable type: 'list'" from a lookup far from the field.
+    if not isinstance(method, str):
+        raise ConfigError(f"{src}: merge_method must be a method name (one of {', '.join(METHODS)}), "
+                          f"got {type(method).__name__}")
+    for k, kinds, what in (("name", (str,), "a string"), ("dtype", (str,), "a dtype name"),
+                           ("out_dtype", (str,), "a dtype name"), ("base_model", (str,), "a model path"),
+                           ("tokenizer_source", (str,), "'base' or a model path"),
+                           ("parameters", (dict,), "a mapping"), ("models", (list,), "a list"),
+                           ("slices", (list,), "a list")):
+        if data.get(k) is not None and not isinstance(data[k], kinds):
+            raise ConfigError(f"{src}: {k} must be {what}, got {type(data[k]).__name__}")
+    if method not in METHODS:
+        raise ConfigError(f"{src}: unknown merge_method {method!r} (wweight supports {', '.join(METHODS)})")
+    spec = M.get(method)
+    cwd = cwd or os.getcwd()
+
+    def absolute(p):
+        local = os.path.normpath(os.path.join(cwd, os.path.expanduser(p)))
+        # "org/name" that is not a local directory: a Hugging Face id, resolved by the reader
+        # from the local cache (wweight/_hub.py)
+        return p if not os.path.isdir(local) and looks_like_hub_id(p) else local
+
+    def entry(v, where, params):
+        ref, lora = _model_ref(v, where, src, cwd)
+        return ModelEntry(absolute(ref), params, v, absolute(lora) if lora else None)
+
+    base = None
+    if data.get("base_model") is not None:
+        base = entry(data["base_model"], "base_model", {})
+    elif spec.needs_base and not spec.base_optional and not data.get("slices"):
+        raise ConfigError(f"{src}: merge_method {method!r} needs base_model")
+    allowed_model = spec.names(M.PER_MODEL)
+    allowed_top = spec.names(M.SHARED) + allowed_model
+    top = _params(data.get("parameters"), "parameters", src, method, allowed_top)
+    slices = None
+    if data.get("slices"):   # an empty list is no slices, as in mergekit (then models must be given)
+        from .config_slices import parse_slices
+
+        if data.get("models"):
+            raise ConfigError(f"{src}: give either models or slices, not both (as mergekit)")
+        slices, models = parse_slices(data["slices"], src, method, base, top, entry)
+    else:
+        models = _parse_models(data, src, method, spec, base, top, entry)
 
     dtype = parse_dtype(data.get("dtype"), "dtype")
     out_dtype = parse_dtype(data.get("out_dtype"), "out_dtype")
@@ -396,7 +386,8 @@ def parse_config(data: Any, source: str = "<config>", *, cwd: Optional[str] = No
         raise ConfigError(f"{src}: tokenizer_source must be 'base' or a model path, got {tok!r}")
 
     return MergeConfig(method=method, base_model=base, models=models, parameters=top, dtype=dtype,
-                       out_dtype=out_dtype, tokenizer_source=tok_path, source=src, raw=copy.deepcopy(data))
+                       out_dtype=out_dtype, tokenizer_source=tok_path, source=src, raw=copy.deepcopy(data),
+                       slices=slices)
 
 
 def load_config(path: str) -> MergeConfig:

@@ -39,8 +39,17 @@ def equivalent_config(cfg: MergeConfig) -> Dict[str, Any]:
     out: Dict[str, Any] = {"merge_method": cfg.method}
     if cfg.base_model is not None:
         out["base_model"] = cfg.base_model.name or cfg.base_model.path
-    out["models"] = [{"model": e.name or e.path, **({"parameters": dict(e.parameters)} if e.parameters else {})}
-                     for e in cfg.models]
+    if cfg.slices:
+        out["slices"] = [{"sources": [{"model": x.model.name or x.model.path, "layer_range": list(x.layer_range),
+                                       **({"parameters": dict(x.model.parameters)} if x.model.parameters else {})}
+                                      for x in sl.sources],
+                          **({"base_model": sl.base_model.name} if sl.base_model is not None
+                             and sl.base_model is not cfg.base_model else {}),
+                          **({"parameters": dict(sl.parameters)} if sl.parameters else {})}
+                         for sl in cfg.slices]
+    else:
+        out["models"] = [{"model": e.name or e.path, **({"parameters": dict(e.parameters)} if e.parameters else {})}
+                         for e in cfg.models]
     if cfg.parameters:
         out["parameters"] = dict(cfg.parameters)
     for k, v in (("dtype", _dt(cfg.dtype)), ("out_dtype", _dt(cfg.out_dtype)),

@@ -36,13 +36,13 @@ import torch
 
 from .. import _hub as hub
 from .. import methods as M
-from ..config import MergeConfig, evaluate_setting
+from ..config import MergeConfig
 from ..sparse import key_seed
 from .atomic import atomic_output, fsync_dir
 from .card import warn_if_no_tokenizer, write_hub_files
 from .dist import Dist, split_work
 from .format import FLOATS, CheckpointError
-from .plan import Ledger, MergePlan, WorkItem, per_model_value, plan_merge, return_freed_memory
+from .plan import Ledger, MergePlan, WorkItem, merged_inputs, per_model_value, plan_merge, return_freed_memory
 from .writer import ShardedWriter, copy_side_files
 
 def _merge_api():
@@ -53,21 +53,23 @@ def _merge_api():
 
 def _merge_one(plan: MergePlan, key: str, tensors: List[torch.Tensor], backend) -> torch.Tensor:
     """One key of a per-tensor method: every parameter of the method resolved for this tensor name
-    (a model's own parameters, then the top-level ones, then the registry default)."""
+    at its layer position (a model's own parameters, then its slice's, then the top-level ones, then
+    the registry default; mergekit matches per-model filters against the input tensor's name)."""
     cfg = plan.config
     spec = M.get(cfg.method)
+    src = plan.source(key)
     # linear: the base (when given) is one of the merged inputs, not a base
-    base, fts = (tensors[0], tensors[1:]) if plan.base is not None else (None, tensors)
+    base, fts = (tensors[0], tensors[1:]) if plan.has_base(key) else (None, tensors)
     kw: Dict[str, Any] = {}
     for p in spec.params:
         if p.inert:
             continue
         if p.scope == M.PER_MODEL:
-            kw[p.api_name] = [float(per_model_value(cfg, p, key, e)) for e in cfg.models]
+            kw[p.api_name] = [float(per_model_value(cfg, p, k, e, src)) for e, k in merged_inputs(cfg, src, key)]
         elif p.kind is bool:
-            kw[p.api_name] = cfg.resolve(p.name, key)  # None: the method's default
+            kw[p.api_name] = cfg.resolve(p.name, key, t=src.t, slice=src.slice)  # None: the method's default
         else:
-            kw[p.api_name] = float(cfg.resolve(p.name, key, None, p.default))
+            kw[p.api_name] = float(cfg.resolve(p.name, key, None, p.default, t=src.t, slice=src.slice))
     try:
         return _merge_api().merge_tensors(cfg.method, base, fts, seed=key_seed(plan.seed, key), backend=backend, **kw)
     except ValueError as e:
@@ -78,19 +80,26 @@ def _name_inputs(e: ValueError, plan: MergePlan, key: str) -> ValueError:
     """The op names its inputs ``tensors[i]`` / ``base``; in a checkpoint merge say which tensor of
     which model directory it is (a NaN in a model must name the key and the model)."""
     msg = str(e)
-    names = {"base": plan.base} if plan.base is not None else {}
-    names.update({f"tensors[{i}]": m for i, m in enumerate(plan.models)})
+    ins = plan.key_inputs(key)
+    names = {}
+    if plan.has_base(key):
+        names["base"], ins = ins[0], ins[1:]
+    names.update({f"tensors[{i}]": x for i, x in enumerate(ins)})
     named = re.sub(r"\bbase\b|tensors\[\d+\]",
-                   lambda m: f"{key!r} of {names[m.group(0)].path}" if m.group(0) in names else m.group(0), msg)
+                   lambda m: f"{names[m.group(0)][1]!r} of {names[m.group(0)][0].path}" if m.group(0) in names
+                   else m.group(0), msg)
     return ValueError(named if named != msg else f"{key!r}: {msg}")
 
 
 def _merge_group(plan: MergePlan, keys: List[str], loaded: List[Dict[str, torch.Tensor]],
                  backend) -> Dict[str, torch.Tensor]:
-    """A group of keys of an iso method: one batched merge_state_dicts call."""
+    """A group of keys of an iso method (same layer position and slice): one batched
+    merge_state_dicts call."""
     cfg = plan.config
-    kw = {k: evaluate_setting(v, keys[0]) for k, v in cfg.parameters.items() if k != "alpha"}
-    alpha = float(evaluate_setting(cfg.parameters.get("alpha", M.ALPHA.default), keys[0]))
+    src = plan.source(keys[0])
+    names = set(cfg.parameters) | set(src.slice.parameters if src.slice is not None else ())
+    kw = {k: cfg.resolve(k, keys[0], t=src.t, slice=src.slice) for k in names if k != "alpha"}
+    alpha = float(cfg.resolve("alpha", keys[0], None, M.ALPHA.default, t=src.t, slice=src.slice))
     if backend is not None:
         kw["backend"] = backend
     # the plan sized the group (same-shape keys) to its budget: one batch, as the plan counted it
@@ -174,6 +183,7 @@ def _execute(plan: MergePlan, dist: Dist, *, backend, progress, fsync) -> Dict[s
                     tok = hub.resolve(tok, "tokenizer_source")[0] if tok else tok   # a Hub id -> its snapshot
                     copied = copy_side_files(tok, tmp, config_src=ref.path,
                                              torch_dtype=_common(plan.out_dtype.values()),
+                                             extra_config=plan.extra_config or None,
                                              allow_symlinks=ref.allow_symlinks)
                     write_hub_files(plan.config, tmp)
                     warn_if_no_tokenizer(copied, plan.config.tokenizer_source, plan.out_dir)
@@ -216,7 +226,7 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
     io_pool = ThreadPoolExecutor(max(1, min(4, len(inputs))), thread_name_prefix="wweight-io")
 
     def load(it: WorkItem):
-        futs = [[io_pool.submit(ck.read, k, pin=cuda) for ck in inputs] for k in it.keys]
+        futs = [[io_pool.submit(ck.read, name, pin=cuda) for ck, name in plan.key_inputs(k)] for k in it.keys]
         return [[f.result() for f in row] for row in futs]
 
     def compute(it: WorkItem, data):
@@ -226,10 +236,11 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
         if it.kind == "copy":
             k = it.keys[0]
             ts = data[0]
+            cks = [ck for ck, _ in plan.key_inputs(k)]
             for i, t in enumerate(ts[1:], 1):
                 if not torch.equal(t, ts[0]):
                     raise CheckpointError(f"tensor {k!r} is not floating point ({ts[0].dtype}) and differs "
-                                          f"between {inputs[0].what} and {inputs[i].what}; cannot merge it")
+                                          f"between {cks[0].what} and {cks[i].what}; cannot merge it")
             outs[k] = ts[0]
             data.clear()
             return outs, None
@@ -247,7 +258,7 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
             k = it.keys[0]
             outs[k] = _merge_one(plan, k, moved[0], backend)
         else:
-            n = len(inputs)
+            n = len(moved[0])
             sds = [{k: moved[j][i] for j, k in enumerate(it.keys)} for i in range(n)]
             res = _merge_group(plan, it.keys, sds, backend)
             del sds
