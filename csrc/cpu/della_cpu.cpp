@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "../della_elem.h"
@@ -67,44 +68,85 @@ struct Ranker {
         const int npass = key_bits == 15 ? 2 : 3;
         a.resize(m);
         b.resize(m);
-        for (int64_t j = 0; j < m; ++j) a[j] = (uint64_t(key[j]) << 32) | uint64_t(j);
+        hist.assign(3 << 11, 0);   // every digit's histogram in one read (a pass does not change them)
+        int64_t* h[3] = {hist.data(), hist.data() + 2048, hist.data() + 4096};
+        for (int64_t j = 0; j < m; ++j) {
+            const uint64_t k = key[j];
+            a[j] = (k << 32) | uint64_t(j);
+            for (int p = 0; p < npass; ++p) h[p][(k >> digits[p][0]) & ((1u << digits[p][1]) - 1)]++;
+        }
         for (int p = 0; p < npass; ++p) {
             const int shift = 32 + digits[p][0], nb = 1 << digits[p][1];
             const uint64_t mask = uint64_t(nb - 1);
-            hist.assign(nb, 0);
-            for (int64_t j = 0; j < m; ++j) hist[(a[j] >> shift) & mask]++;
-            if (hist[(a[0] >> shift) & mask] == m) continue;   // one digit value: the order stays
+            int64_t* hp = h[p];
+            if (hp[(a[0] >> shift) & mask] == m) continue;   // one digit value: the order stays
             int64_t acc = 0;
             for (int i = 0; i < nb; ++i) {
-                const int64_t c = hist[i];
-                hist[i] = acc;
+                const int64_t c = hp[i];
+                hp[i] = acc;
                 acc += c;
             }
-            for (int64_t j = 0; j < m; ++j) b[hist[(a[j] >> shift) & mask]++] = a[j];
+            for (int64_t j = 0; j < m; ++j) b[hp[(a[j] >> shift) & mask]++] = a[j];
             a.swap(b);
         }
         for (int64_t r = 0; r < m; ++r) pos[a[r] & 0xFFFFFFFFu] = r;
     }
 };
 
-struct Scratch {
-    std::vector<float> b, d, u;
+struct Scratch {   // per thread, sized on its first row (a thread without rows allocates nothing)
+    std::vector<float> b, d, kv;
     std::vector<uint32_t> key;
     std::vector<int64_t> pos;
     Ranker ranker;
     void resize(int64_t m) {
+        if (int64_t(b.size()) >= m) return;
         b.resize(m);
         d.resize(m);
-        u.resize(m);
+        kv.resize(m);
         key.resize(m);
         pos.resize(m);
     }
 };
 
-template <int DT>
+constexpr int64_t kSumSpan = 4096;          // elements of a row per plain float64 partial of the norms
+constexpr int64_t kMaxTable = int64_t(1) << 20;   // rows up to this long get a probability table
+
+// The norms of one span of a row (|d| before, |d * keep| after): four plain float64 lanes (no serial
+// dependency per element, still far below float32 rounding), then compensated across spans and rows.
+template <int norm>
+inline void span_norms(const float* d, const float* kv, int64_t n, CompSum& before, CompSum& after, double& maxb,
+                       double& maxa) {
+    if (norm == 3) {
+        double x = maxb, y = maxa;
+        for (int64_t j = 0; j < n; ++j) {
+            x = std::max(x, std::fabs(double(d[j])));
+            y = std::max(y, std::fabs(double(kv[j])));
+        }
+        maxb = x;
+        maxa = y;
+        return;
+    }
+    double b[4] = {0, 0, 0, 0}, a[4] = {0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4)
+        for (int r = 0; r < 4; ++r) {
+            const double v = std::fabs(double(d[j + r])), k = std::fabs(double(kv[j + r]));
+            b[r] += norm == 2 ? v * v : v;
+            a[r] += norm == 2 ? k * k : k;
+        }
+    for (; j < n; ++j) {
+        const double v = std::fabs(double(d[j])), k = std::fabs(double(kv[j]));
+        b[0] += norm == 2 ? v * v : v;
+        a[0] += norm == 2 ? k * k : k;
+    }
+    before.add((b[0] + b[1]) + (b[2] + b[3]));
+    after.add((a[0] + a[1]) + (a[2] + a[3]));
+}
+
+template <int DT, int norm>
 void masks_impl(const std::vector<const void*>& xs, const void* base, const Geometry& g,
                 const std::vector<int>& modes, const std::vector<float>& base_p, const std::vector<float>& eps,
-                uint64_t seed, uint32_t stream0, int norm, int64_t group, uint64_t* bits, double* stats,
+                uint64_t seed, uint32_t stream0, int64_t group, uint64_t* bits, double* stats,
                 int32_t* flags) {
     constexpr int WD = WorkDT<DT>::value;
     const int64_t K = int64_t(xs.size()), L = g.lines(), m = g.m, stride = g.inner;
@@ -112,15 +154,22 @@ void masks_impl(const std::vector<const void*>& xs, const void* base, const Geom
     const int key_bits = DT == F32 ? 31 : 15;
     std::vector<DellaRow> rows(K);
     for (int64_t t = 0; t < K; ++t) rows[t] = della_row<WD>(m, base_p[t], eps[t]);
+    // the keep probability depends on the row position only: one table per model for every row
+    std::vector<float> prob_tab;
+    if (m <= kMaxTable) {
+        prob_tab.resize(K * m);
+        for (int64_t t = 0; t < K; ++t)
+            for (int64_t r = 0; r < m; ++r) prob_tab[t * m + r] = della_prob<WD>(rows[t], r);
+    }
 #pragma omp parallel
     {
         Scratch s;
-        s.resize(m);
         std::vector<int32_t> bad(K + 1, 0);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < nchunks; ++c) {
             std::vector<CompSum> before(K), after(K);
             std::vector<double> maxb(K, 0.0), maxa(K, 0.0);
+            s.resize(m);
             for (int64_t line = c * group; line < std::min(L, (c + 1) * group); ++line) {
                 const int64_t s0 = g.start(line);
                 int32_t badb = 0;
@@ -138,37 +187,39 @@ void masks_impl(const std::vector<const void*>& xs, const void* base, const Geom
                     }
                     bad[t] |= badx;
                     if (modes[t] != DELLA_SAMPLE) continue;
-                    // Philox uniforms of the row's flat indices (one call per group of 4 indices)
-                    int64_t q_last = -1;
-                    float u4[4] = {0, 0, 0, 0};
-                    for (int64_t j = 0; j < m; ++j) {
-                        const int64_t gi = s0 + j * stride;
-                        if ((gi >> 2) != q_last) {
-                            q_last = gi >> 2;
-                            uniform4(q_last, seed, stream0 + uint32_t(t), u4);
-                        }
-                        s.u[j] = u4[gi & 3];
-                        s.key[j] = key_of<DT>(s.d[j]);
-                    }
+                    for (int64_t j = 0; j < m; ++j) s.key[j] = key_of<DT>(s.d[j]);
                     s.ranker.rank(s.key.data(), m, key_bits, s.pos.data());
                     const DellaRow row = rows[t];
+                    const float* ptab = prob_tab.empty() ? nullptr : prob_tab.data() + t * m;
                     uint64_t* tb = bits + t * nwords;
                     int64_t w_cur = -1;
                     uint64_t w_val = 0;
-                    for (int64_t j = 0; j < m; ++j) {
-                        const bool keep = s.u[j] < della_prob<WD>(row, s.pos[j]);
-                        const double v = std::fabs(double(s.d[j]));
-                        if (norm == 1) { before[t].add(v); if (keep) after[t].add(v); }
-                        else if (norm == 2) { before[t].add(v * v); if (keep) after[t].add(v * v); }
-                        else if (norm == 3) { maxb[t] = std::max(maxb[t], v); if (keep) maxa[t] = std::max(maxa[t], v); }
-                        const int64_t gi = s0 + j * stride, w = gi >> 6;
-                        if (w != w_cur) {
-                            // rows share boundary words with their neighbours (other threads)
-                            if (w_val) __atomic_fetch_or(tb + w_cur, w_val, __ATOMIC_RELAXED);
-                            w_cur = w;
-                            w_val = 0;
+                    // Philox uniforms of the row's flat indices, in index order (one call per 4 indices)
+                    int64_t q_last = -1;
+                    float u4[4] = {0, 0, 0, 0};
+                    for (int64_t j0 = 0; j0 < m; j0 += kSumSpan) {
+                        const int64_t j1 = std::min(m, j0 + kSumSpan);
+                        for (int64_t j = j0; j < j1; ++j) {
+                            const float p = ptab ? ptab[s.pos[j]] : della_prob<WD>(row, s.pos[j]);
+                            const int64_t gi = s0 + j * stride, w = gi >> 6;
+                            if ((gi >> 2) != q_last) {
+                                q_last = gi >> 2;
+                                uniform4(q_last, seed, stream0 + uint32_t(t), u4);
+                            }
+                            const bool keep = u4[gi & 3] < p;
+                            // a bit mask, not a select: GCC branches on `keep ? d : 0` and keep is a coin flip
+                            if (norm) s.kv[j] = bits_f32(f32_bits(s.d[j]) & (0u - uint32_t(keep)));
+                            if (w != w_cur) {
+                                // rows share boundary words with their neighbours (other threads)
+                                if (w_val) __atomic_fetch_or(tb + w_cur, w_val, __ATOMIC_RELAXED);
+                                w_cur = w;
+                                w_val = 0;
+                            }
+                            w_val |= uint64_t(keep) << (gi & 63);
                         }
-                        w_val |= uint64_t(keep) << (gi & 63);
+                        if (norm)
+                            span_norms<norm>(s.d.data() + j0, s.kv.data() + j0, j1 - j0, before[t], after[t], maxb[t],
+                                             maxa[t]);
                     }
                     if (w_val) __atomic_fetch_or(tb + w_cur, w_val, __ATOMIC_RELAXED);
                 }
@@ -202,9 +253,18 @@ void della_masks(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, i
     py::gil_scoped_release nogil;
     dispatch_dt(dt, [&](auto tag) {
         constexpr int DT = decltype(tag)::value;
-        masks_impl<DT>(x, reinterpret_cast<const void*>(base), g, modes, base_p, eps, seed, stream0, norm, group,
-                       reinterpret_cast<uint64_t*>(bits), reinterpret_cast<double*>(stats),
-                       reinterpret_cast<int32_t*>(flags));
+        auto run = [&](auto nt) {   // the norm as a template argument: no branch per element
+            masks_impl<DT, decltype(nt)::value>(x, reinterpret_cast<const void*>(base), g, modes, base_p, eps, seed,
+                                                stream0, group, reinterpret_cast<uint64_t*>(bits),
+                                                reinterpret_cast<double*>(stats), reinterpret_cast<int32_t*>(flags));
+        };
+        switch (norm) {
+            case 0: run(std::integral_constant<int, 0>{}); break;
+            case 1: run(std::integral_constant<int, 1>{}); break;
+            case 2: run(std::integral_constant<int, 2>{}); break;
+            case 3: run(std::integral_constant<int, 3>{}); break;
+            default: throw std::invalid_argument("della_masks: norm must be 0 (none), 1 (l1), 2 (l2) or 3 (linf)");
+        }
     });
 }
 

@@ -213,6 +213,6 @@ def della_sparsify(x, density, epsilon, rescale_norm, seed, stream):
     _raise_nonfinite(flags, ["tensor"])
     hs, sc = _della_scale(stats[0], rescale_norm, float(density), wd)
     out = torch.empty_like(x)
-    cpu_extension().della_merge([x.data_ptr()], 0, out.data_ptr(), dtype_code(x), x.numel(), x.numel(), modes, [int(hs)], [sc],
-                                bits.data_ptr(), [1.0], 1.0, 1.0, False, False, True)
+    cpu_extension().della_merge([x.data_ptr()], 0, out.data_ptr(), dtype_code(x), x.numel(), x.numel(), modes,
+                                [int(hs)], [sc], bits.data_ptr(), [1.0], 1.0, 1.0, False, False, True)
     return out
