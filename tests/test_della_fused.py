@@ -190,3 +190,15 @@ def test_della_thread_count_independent():
     xs = [b + 0.01 * torch.randn(300, 900, generator=g) for _ in range(3)]
     here = wweight.merge_tensors("della", b, xs, density=0.3, seed=5, backend="cpu")
     assert one == here.view(torch.int32).numpy().tobytes()
+
+
+@pytest.mark.parametrize("K", [6, 8, 9, 13, 16])
+def test_della_many_models_sum_order(K):
+    # K >= 5: the reference's sums over the models follow torch's row_sum order on the tail columns
+    # (interleaved partials); K >= 16 goes to the reference itself
+    for dtype in (torch.float32, torch.bfloat16):
+        base, xs = make((3, 100), dtype, K, seed=K)
+        w = [0.3 + 0.1 * i for i in range(K)]
+        for method in ("della", "della_linear"):
+            got, want = merge_both(method, base, xs, weights=w, density=[0.6] * K, epsilon=[0.2] * K)
+            assert_bit_equal(got, want)
