@@ -202,3 +202,20 @@ def test_della_many_models_sum_order(K):
         for method in ("della", "della_linear"):
             got, want = merge_both(method, base, xs, weights=w, density=[0.6] * K, epsilon=[0.2] * K)
             assert_bit_equal(got, want)
+
+
+def test_della_elem_compiles_for_sm90(tmp_path):
+    # csrc/della_elem.h is meant for a CUDA DELLA kernel too: it must compile as device code (sm_90) with
+    # setup.py's flags, and its element logic must need no stack or local memory (no spills)
+    from wweight.backends.cuda import aot
+    if aot.nvcc() is None or aot.cuobjdump() is None or aot.pybind11_include() is None:
+        pytest.skip("needs nvcc, cuobjdump and pybind11 headers")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(root, "tests", "cuda", "della_elem_check.cu")
+    out = str(tmp_path / "della_elem_check.cubin")
+    r = aot.compile_cubin(src, out, 90, extra=[f"-I{os.path.join(root, 'csrc')}"], timeout=300)
+    assert r.returncode == 0, f"nvcc failed:\n{r.stderr[-4000:]}"
+    usage = {k: v for k, v in aot.res_usage(out).items() if "della_elem_check" in k}
+    assert len(usage) == 3, f"expected the fp32 / fp16 / bf16 instantiations, got {list(usage)}"
+    for k, v in usage.items():
+        assert v["stack"] == 0 and v["local"] == 0, f"{k}: stack {v['stack']} / local {v['local']} bytes"
