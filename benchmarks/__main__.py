@@ -1,7 +1,7 @@
 """Benchmark entry point: ``python -m benchmarks FAMILY [options]``.
 
-Families: sparse, methods, iso, permute, lap (the CPU LAP solvers alone), quant, checkpoint, fusion_bench. Each writes
-``benchmarks/results/<family>_<device>.json`` and ``.md`` (see benchmarks/common.py).
+Families: sparse, della, methods, iso, permute, lap (the CPU LAP solvers alone), quant, checkpoint, fusion_bench.
+Each writes ``benchmarks/results/<family>_<device>.json`` and ``.md`` (see benchmarks/common.py).
 ``gpu-check`` validates a GPU end to end (benchmarks/gpu_check.py); without one it prints its plan.
 """
 import importlib
@@ -9,6 +9,7 @@ import sys
 
 FAMILIES = {
     "sparse": "benchmarks.bench_sparse",
+    "della": "benchmarks.bench_della",       # fused DELLA vs the reference path vs mergekit (time, peak memory)
     "methods": "benchmarks.bench_methods",   # mergekit's other methods (wweight.interp) vs mergekit
     "iso": "benchmarks.bench_iso",
     "permute": "benchmarks.bench_permute",

@@ -7,6 +7,7 @@
 namespace py = pybind11;
 
 void register_sparse_cpu(py::module_& m);
+void register_della_cpu(py::module_& m);
 void register_lap_auction_cpu(py::module_& m);
 void register_lap_cpu(py::module_& m);
 
@@ -14,6 +15,7 @@ PYBIND11_MODULE(_cpu, m) {
     m.doc() = "wweight CPU kernels (C++/OpenMP, raw-pointer pybind11 bindings)";
     wweight::export_constants(m);
     register_sparse_cpu(m);
+    register_della_cpu(m);
     register_lap_auction_cpu(m);
     register_lap_cpu(m);
 #ifdef _OPENMP

@@ -7,8 +7,10 @@
 registers the ``torch.library`` op and runs :mod:`wweight.sparse.fused` on the resolved backend:
 deltas, masks (thresholds found beforehand by radix select), rescale, weights, TIES sign election,
 normalisation and lambda per element in one pass that writes only the output, never K full-size
-delta temporaries (mergekit stacks them). DELLA ranks rows with a sort, as mergekit: it runs the
-reference.
+delta temporaries (mergekit stacks them). DELLA ranks every row of every task vector: on the ``cpu``
+backend a fused C++ path does it (per-row radix sort, keep bits, then one merge pass:
+``csrc/cpu/della_cpu.cpp``); the other backends run the reference with thread-count independent
+norms, whose numbers the fused path reproduces bit for bit.
 """
 from __future__ import annotations
 
@@ -73,9 +75,16 @@ def _merge_impl(method: str, base: Optional[torch.Tensor], tensors: List[torch.T
                 raise ValueError("tensors contain NaN or Inf; wweight refuses non-finite weights")
             return out
         return fused.linear(primitives(name), tensors, weights, normalize)
+    if m.sparsification == "della_magprune" and name == "cpu" and base.numel() and primitives(name).della_available():
+        # fused C++ DELLA (csrc/cpu/della_cpu.cpp): the reference's numbers (fixed_order=True) bit for bit
+        out = primitives(name).della_merge(tensors, base, weights, density, epsilon, lambda_, normalize, rescale,
+                                           seed, m.consensus is not None)
+        if out is not None:
+            return out
     if name == "reference" or m.sparsification == "della_magprune":
         check_finite([*tensors, base], fused.input_names(K))
-        # DELLA (no fused path) runs the reference with thread-count independent norms
+        # DELLA off the cpu backend (no fused path there yet) runs the reference with thread-count
+        # independent norms
         return ref.task_arithmetic_family_ref(method, base, tensors, weights, density, gamma, epsilon, lambda_,
                                               normalize, rescale, seed, fixed_order=name != "reference")
     return fused.task_arithmetic(primitives(name), m.consensus, m.sparsification, base, tensors, weights, density,

@@ -125,8 +125,11 @@ def kth_largest_abs(x: torch.Tensor, k: int, *, backend: Optional[str] = None) -
 
 def sparsify_impl(x: torch.Tensor, density: float, method: str, gamma: float, epsilon: float,
                   rescale_norm: Optional[str], seed: int, stream: int, name: str) -> torch.Tensor:
+    if method == "della_magprune" and name == "cpu" and x.numel() and primitives(name).della_available():
+        # fused C++ DELLA (csrc/cpu/della_cpu.cpp): the reference's numbers (fixed_order=True) bit for bit
+        return primitives(name).della_sparsify(x, density, epsilon, rescale_norm, seed, stream)
     if name == "reference" or method == "della_magprune":
-        # DELLA ranks every row with a sort (as mergekit); no fused path.
+        # DELLA off the cpu backend ranks every row with a sort (as mergekit)
         out = ref.sparsify_ref(x, density, method, gamma, epsilon, rescale_norm, seed, stream,
                                fixed_order=name != "reference")
         check_finite([x], ["tensor"])
