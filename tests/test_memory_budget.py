@@ -38,7 +38,7 @@ ISO_SHAPES = [(256, 8192), (8192, 256), (256, 4096), (512, 1024), (256, 4096), (
 
 # budgets: (below the largest item, between the largest item and the whole merge)
 BUDGETS = {"ties": ("16MB", "48MB"), "linear": ("16MB", "48MB"), "dare_ties": ("16MB", "48MB"),
-           "iso_c": ("32MB", "160MB")}
+           "della": ("16MB", "48MB"), "iso_c": ("32MB", "160MB")}
 
 _CHILD = r"""
 import json, os, sys

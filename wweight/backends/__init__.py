@@ -21,6 +21,10 @@ Every module of a family has the same functions (the family's backend contract):
 * ``merge(xs, base, out, plan, weights, scales, lam, divisor_nc, consensus, normalize,
   sparsify_only=False, round16=None)`` -> (K+1,) int32 NaN/Inf flags; writes ``out`` (the torch
   module needs a ``base``: its ``linear`` merge is the reference, mergekit's fp32 ``addcmul``).
+* cpu only: ``della_available()``; ``della_merge(xs, base, weights, density, epsilon, lambda_,
+  normalize, rescale, seed, consensus)`` -> the merged tensor, or None where the sums over the models
+  cannot follow torch's order (the caller runs the reference); ``della_sparsify(x, density, epsilon,
+  rescale_norm, seed, stream)`` -> the sparsified tensor (``csrc/cpu/della_cpu.cpp``).
 
 ``quant`` (torch, cuda, triton):
 

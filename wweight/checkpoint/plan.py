@@ -62,7 +62,8 @@ def item_cost(method: str, kind: str, shapes: List[Tuple[int, ...]], in_dtype: t
     per-tensor methods' fused pass (backends cpu / cuda / triton) allocates only its output ``N s_c``
     plus per-block tie counts (8 bytes per model per 1024 elements); the torch backend's chunked
     primitives up to ``16 (K + 2)`` bytes per element of one 4M-element chunk; the reference
-    (float64, ``backend="reference"``, DELLA's per-row sort) up to ``24 (K + 2) N``; the iso methods
+    (float64, ``backend="reference"``, DELLA off the cpu backend) up to ``24 (K + 2) N``; DELLA's fused
+    C++ pass its output, ``K N / 8`` bytes of keep bits and per-thread row scratch; the iso methods
     :func:`wweight.iso.ops.batch_bytes` for the batch plus their merged outputs ``N s_c``; the cast to
     the output dtype ``N s_o`` (when it differs). On CUDA the merge's temporaries are device memory:
     the host holds the (pinned) reads and the (pinned) output.
@@ -90,8 +91,15 @@ def item_cost(method: str, kind: str, shapes: List[Tuple[int, ...]], in_dtype: t
         return reads + cast + work + N * s_c + out_cast
     fused = (backend in (None, "auto", "cpu", "cuda", "triton") and compute_dtype in (torch.float32, torch.float16,
              torch.bfloat16) and not method.startswith("della"))
+    # DELLA's fused C++ pass (cpu backend; wweight/backends/cpu/sparse.py della_merge, K < 16): its
+    # output, one keep bit per element and model, per-row-group norm partials and per-thread rank scratch
+    della_fused = (method.startswith("della") and backend in (None, "auto", "cpu") and K < 16
+                   and compute_dtype in (torch.float32, torch.float16, torch.bfloat16))
     if fused:
         work = N * s_c + 8 * (K + 1) * (N // 1024 + 1)
+    elif della_fused:
+        row = max(shapes[0][1] if len(shapes[0]) > 1 else N, 1)
+        work = N * s_c + K * N // 8 + 16 * K * (N // 4096 + 1) + 64 * 24 * row
     elif backend == "torch" and not method.startswith("della") and compute_dtype != torch.float64:
         work = N * s_c + 16 * (K + 2) * min(N, _TORCH_CHUNK)
     else:
