@@ -32,6 +32,7 @@ from ..reference import interp as ref
 import torch.nn.functional as F
 
 from ..reference.interp import passthrough  # noqa: F401
+from .sphere import chunk as _chunk
 from .sphere import karcher, multislerp, nuslerp  # noqa: F401
 
 #: elements per chunk of the elementwise passes (K inputs x CHUNK / K; fastest of 32K..2M measured on
@@ -46,6 +47,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
     """mergekit's ``weight * b + (1 - weight) * a`` with ``weight = clamp(t / max(|a - b|, 1e-6), 0, 1)``;
     ``t / x`` is torch's ``x.reciprocal() * t`` (Tensor.__rtruediv__), kept as such."""
+    CHUNK = _chunk()
     a, b = _flat(base), _flat(other)
     out = torch.empty_like(a)
     w = torch.empty(min(CHUNK, a.numel()), dtype=a.dtype, device=a.device)
@@ -64,6 +66,7 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
 
 def _ram_chunks(base: torch.Tensor, tensors: Sequence[torch.Tensor]):
     """(slice, tv (K, n) task vectors of the chunk, base chunk) over chunks of CHUNK / K columns."""
+    CHUNK = _chunk()
     b = _flat(base)
     xs = [_flat(t) for t in tensors]
     K = len(xs)
@@ -121,6 +124,7 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
           eps: float = 1e-8) -> torch.Tensor:
     """mergekit's slerp: norms and dot as mergekit reduces them (per 1M-element chunk, then over the
     chunks), without its per-chunk temporaries; the blend ``coef_a * x + coef_b * y`` in CHUNK pieces."""
+    CHUNK = _chunk()
     if v0.numel() == 0:
         return ref.slerp(t, v0, v1, dot_threshold, eps)
     dtype = ref._compute(v0.dtype)
@@ -181,6 +185,7 @@ def _var0(tvs: torch.Tensor) -> torch.Tensor:
     cast to the input dtype), sequential over dim 0 for each output. The same float64 steps,
     vectorised over the other elements in CHUNK pieces, give the same IEEE results (tested
     against torch.var for fp32/bf16/fp16, K = 1..8). Other devices call torch.var itself."""
+    CHUNK = _chunk()
     if tvs.device.type != "cpu" or tvs.dim() == 1:
         return torch.var(tvs, dim=0, unbiased=False)
     K = tvs.shape[0]
@@ -297,6 +302,7 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     The softmaxes, the KL sums and the element order of every op are mergekit's; the elementwise
     steps run in place or on CHUNK pieces (mergekit allocates ~12 full-size temporaries), the
     result lands in a freed softmax buffer, and the quantiles are selections (:func:`_quantiles`)."""
+    CHUNK = _chunk()
     if base.dim() == 0 or base.numel() == 0:
         return ref.arcee_fusion(base, other)
     D = torch.sub(other, base)                 # other - base: |.| for importance, then the blend
