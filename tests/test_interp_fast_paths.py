@@ -53,9 +53,10 @@ def test_nuslerp_rows_mixed_colinear(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_karcher_many_iterations(dtype):
-    """Unrelated random vectors: the iteration runs to max_iter, each pass chunked."""
+    """Unrelated random vectors: the iteration runs to max_iter, each pass chunked (16-bit inputs
+    of <= 1M elements take the reference, so past that)."""
     g = torch.Generator().manual_seed(2)
-    ts = [(torch.randn(300_007, generator=g) * s).to(dtype) for s in (1.0, 0.5, 2.0, 0.1)]
+    ts = [(torch.randn(1_100_007, generator=g) * s).to(dtype) for s in (1.0, 0.5, 2.0, 0.1)]
     want = mergekit("karcher", None, ts, {"max_iter": 12, "tol": 1e-9})
     got = wweight.merge_tensors("karcher", None, ts, max_iter=12, tol=1e-9)
     assert same(got, want), (got.float() - want.float()).abs().max()
