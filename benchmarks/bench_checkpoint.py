@@ -14,6 +14,16 @@
 Page cache: inputs are read once before timing, so all three numbers are warm-cache numbers (the
 floor is then memory-copy + write speed, not disk speed). Run on a GPU machine with
 ``--device cuda`` (default size 7b there); a 2-GPU ``torchrun`` row is not produced here.
+
+``--cli`` instead times the two command lines, ``wweight merge CFG OUT`` against ``mergekit-yaml
+CFG OUT``, each in its own subprocess (interpreter start and imports included: what a user waits
+for), offline (``HF_HUB_OFFLINE=1``), on the same YAML (same ``dtype``, so the same output dtype),
+warm page cache, no fsync on either side (``--no-fsync``; mergekit does not fsync), minimum of
+``--repeat`` runs (default 3) per tool, the two tools alternating. Configs: ``CLI_CONFIGS`` below,
+one line each; a config ``wweight merge`` refuses (``wweight.config.load_config`` raises) is
+reported as skipped with its error. Results: ``results/checkpoint_vs_mergekit_<device>.md``.
+
+    python -m benchmarks checkpoint --cli --size 125m --repeat 3
 """
 from __future__ import annotations
 
@@ -21,6 +31,7 @@ import argparse
 import glob
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -41,6 +52,110 @@ def _yaml(path, method, base, models, dtype):
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     return path
+
+
+def _layers(z):
+    return int(z["config"]["num_hidden_layers"]) if "config" in z else \
+        1 + max(int(k.split(".")[2]) for k, _ in z["shapes"] if k.startswith("model.layers."))
+
+
+#: (name, config builder(zoo, dtype)): one line per CLI config. The last two need layer slices and
+#: parameter gradients in ``wweight merge`` (helper "config"); until then they are skipped with the
+#: error ``wweight merge`` gives.
+CLI_CONFIGS = [
+    ("slerp", lambda z, dt: {"merge_method": "slerp", "base_model": z["base"], "dtype": dt,
+                             "models": [{"model": z["base"]}, {"model": z["models"][0]}],
+                             "parameters": {"t": 0.3}}),
+    ("model_stock", lambda z, dt: {"merge_method": "model_stock", "base_model": z["base"], "dtype": dt,
+                                   "models": [{"model": m} for m in z["models"]]}),
+    ("passthrough_slices", lambda z, dt: {"merge_method": "passthrough", "dtype": dt, "slices": [
+        {"sources": [{"model": z["base"], "layer_range": [0, _layers(z) // 2 + 1]}]},
+        {"sources": [{"model": z["models"][0], "layer_range": [_layers(z) // 2 - 1, _layers(z)]}]}]}),
+    ("slerp_gradient", lambda z, dt: {"merge_method": "slerp", "base_model": z["base"], "dtype": dt,
+                                      "models": [{"model": z["base"]}, {"model": z["models"][0]}],
+                                      "parameters": {"t": [0, 0.5, 1]}}),
+]
+
+
+def _cli(argv, out_dir):
+    """(wall seconds, CPU seconds: user + system of the child) of one subprocess run (offline), or
+    raises with its stderr tail. The CPU time is the number to trust on a shared machine: wall time
+    there includes waiting for a core."""
+    import resource
+    import subprocess
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(argv, env=env, capture_output=True, text=True)
+    t = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv[:3]))}... exited {r.returncode}: {r.stderr[-600:]}")
+    return t, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
+def cli_main(args, z, work, inputs, floor):
+    """``wweight merge`` vs ``mergekit-yaml``, subprocesses, the configs of ``CLI_CONFIGS``."""
+    import sys
+
+    import yaml
+
+    from wweight.config import load_config
+
+    bindir = os.path.dirname(sys.executable)
+    mk_exe = shutil.which("mergekit-yaml", path=bindir + os.pathsep + os.environ.get("PATH", ""))
+    names = [n for n in args.methods.split(",") if n] if args.methods_given else [n for n, _ in CLI_CONFIGS]
+    rows = []
+    for name, build in CLI_CONFIGS:
+        if name not in names:
+            continue
+        cfg = build(z, args.dtype)
+        path = os.path.join(work, f"cli_{name}.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+        row = {"config": name, "size": args.size_used, "dtype": args.dtype, "repeat": args.repeat,
+               "io_floor_s": floor}
+        try:
+            load_config(path)
+        except Exception as e:   # wweight refuses it in this build: say why, time nothing
+            row["skipped"] = f"wweight merge refuses it: {str(e).splitlines()[0][:160]}"
+            rows.append(row)
+            print(name, row["skipped"], flush=True)
+            continue
+        ww_cmd = [sys.executable, "-m", "wweight", "merge", path, os.path.join(work, "ww"), "-q", "--no-fsync",
+                  "--device", args.device]
+        mk_cmd = [mk_exe, path, os.path.join(work, "mk"), "--quiet", "--no-lazy-unpickle", "--no-copy-tokenizer"] + \
+            (["--cuda"] if args.device.startswith("cuda") else [])
+        ww, mk = [], []
+        for _ in range(args.repeat):
+            ww.append(_cli(ww_cmd, os.path.join(work, "ww")))
+            if mk_exe:
+                mk.append(_cli(mk_cmd, os.path.join(work, "mk")))
+        row.update({"wweight_s": min(w for w, _ in ww), "wweight_median_s": statistics.median(w for w, _ in ww),
+                    "wweight_cpu_s": min(c for _, c in ww)})
+        if mk:
+            worst, frac = compare(os.path.join(work, "ww"), os.path.join(work, "mk"))
+            row.update({"mergekit_s": min(w for w, _ in mk), "mergekit_median_s": statistics.median(w for w, _ in mk),
+                        "mergekit_cpu_s": min(c for _, c in mk), "max_abs_diff": worst, "frac_diff": frac})
+            row["speedup_vs_mergekit"] = row["mergekit_s"] / row["wweight_s"]
+            row["cpu_ratio_mergekit_over_wweight"] = row["mergekit_cpu_s"] / row["wweight_cpu_s"]
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    cols = ["config", "size", "dtype", "wweight_s", "mergekit_s", "speedup_vs_mergekit", "wweight_cpu_s",
+            "mergekit_cpu_s", "cpu_ratio_mergekit_over_wweight", "io_floor_s", "wweight_median_s",
+            "mergekit_median_s", "max_abs_diff", "frac_diff", "skipped"]
+    md = write_results("checkpoint_vs_mergekit", torch.device(args.device), rows, columns=cols,
+                       title="wweight merge vs mergekit-yaml (command lines, subprocesses)",
+                       extra={"note": f"subprocesses (interpreter start + imports included), offline, warm page "
+                                      f"cache, no fsync on either side, minimum of {args.repeat} alternating runs; "
+                                      f"*_cpu_s: user + system CPU seconds of the subprocess (minimum)",
+                              "generator": f"wweight.examples.zoo.make_llama_zoo({args.size_used!r}, "
+                                           f"n_models={args.models})",
+                              "mergekit_yaml": mk_exe or "not installed"})
+    print(md)
+    return rows
 
 
 def _read_all(dirs):
@@ -122,12 +237,16 @@ def main(argv=None):
     p.add_argument("--size", default=None, help="tiny|25m|125m|1b|7b (default: 7b on cuda, 125m on cpu)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", type=int, default=3)
-    p.add_argument("--methods", default="ties,dare_ties,linear")
+    p.add_argument("--methods", default=None, help="default ties,dare_ties,linear (--cli: every CLI_CONFIGS entry)")
+    p.add_argument("--cli", action="store_true", help="wweight merge vs mergekit-yaml as subprocesses (see above)")
     p.add_argument("--dtype", default="bfloat16", help="storage and compute dtype (default bfloat16)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--no-mergekit", action="store_true")
-    p.add_argument("--repeat", type=int, default=1, help="timed runs per engine (median)")
+    p.add_argument("--repeat", type=int, default=None, help="timed runs per engine (median; --cli: minimum, 3)")
     args = p.parse_args(argv)
+    args.methods_given = args.methods is not None
+    args.methods = args.methods or "ties,dare_ties,linear"
+    args.repeat = args.repeat or (3 if args.cli else 1)
     dev = torch.device(args.device)
     size = args.size or ("25m" if args.quick else ("7b" if dev.type == "cuda" else "125m"))
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
@@ -145,9 +264,13 @@ def main(argv=None):
     floor = io_floor(inputs, os.path.join(work, "floor"))
     print(f"llama-{size}: {n_params / 1e6:.0f}M params, {model_bytes / 1e9:.2f} GB per model, generated in "
           f"{gen_s:.1f} s; I/O floor (read {len(inputs)} models, write 1) {floor:.2f} s", flush=True)
+    if args.cli:
+        args.size_used = size
+        cli_main(args, z, work, inputs, floor)
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     rows = []
-    import statistics
-
     for method in [m for m in args.methods.split(",") if m]:
         cfg = _yaml(os.path.join(work, f"{method}.yaml"), method, z["base"], z["models"], args.dtype)
         n_in = len(inputs) if method != "linear" else len(z["models"])
