@@ -5,10 +5,10 @@ items' inputs, the main thread merges on ``device`` (``wweight.merge_tensors``; 
 groups of keys through ``wweight.merge_state_dicts``), a writer thread writes results at their
 planned offsets. Host memory in flight is bounded by ``memory_budget``: an item (all models' tensors
 of one key, or of one iso group) is admitted - its reads start - only while the costs of the items in
-flight (being read, computing, queued for writing; :func:`wweight.checkpoint.plan.item_cost`, an
+flight (being read, computing, queued for writing; :func:`wweight.checkpoint.costs.item_cost`, an
 upper bound of all it allocates) plus its own stay within the budget; when the largest item alone
 exceeds it, items run one at a time. The bound held is :attr:`MergePlan.bound` (``--dry-run``
-prints it). Freed tensors go back to the OS (:func:`.plan.return_freed_memory`), so the bound holds
+prints it). Freed tensors go back to the OS (:func:`.costs.return_freed_memory`), so the bound holds
 for the resident set too (tests/test_memory_budget.py measures the peak RSS). On CUDA the reads land in pinned
 buffers, host->device and device->host copies are issued ``non_blocking`` on the current stream
 and the writer thread waits on a CUDA event, so reading, compute and writing of different items
@@ -42,7 +42,8 @@ from .atomic import atomic_output, fsync_dir
 from .card import warn_if_no_tokenizer, write_hub_files
 from .dist import Dist, split_work
 from .format import FLOATS, CheckpointError
-from .plan import Ledger, MergePlan, WorkItem, merged_inputs, per_model_value, plan_merge, return_freed_memory
+from .costs import Ledger, return_freed_memory
+from .plan import MergePlan, WorkItem, merged_inputs, per_model_value, plan_merge
 from .writer import ShardedWriter, copy_side_files
 
 def _merge_api():
@@ -70,6 +71,10 @@ def _merge_one(plan: MergePlan, key: str, tensors: List[torch.Tensor], backend) 
             kw[p.api_name] = cfg.resolve(p.name, key, t=src.t, slice=src.slice)  # None: the method's default
         else:
             kw[p.api_name] = float(cfg.resolve(p.name, key, None, p.default, t=src.t, slice=src.slice))
+    if cfg.method == "passthrough" and kw.get("scale") == [1.0] and backend != "reference":
+        # a whole-tensor passthrough at scale 1 is the tensor itself (mergekit's bits: x * 1.0 == x); the
+        # pipeline owns the tensor it read, so it is written as is: no copy, no pass over it
+        return fts[0]
     try:
         return _merge_api().merge_tensors(cfg.method, base, fts, seed=key_seed(plan.seed, key), backend=backend, **kw)
     except ValueError as e:
@@ -116,7 +121,7 @@ def run_merge(config: MergeConfig, out_dir: str, *, device="cpu", memory_budget=
     ``device``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (under torchrun ``"cuda"`` means this rank's
     ``cuda:LOCAL_RANK``). ``memory_budget``: host bytes of tensors in flight (see the module doc); the
     summary's ``memory_bound`` is the bound held (``plan.bound``). Running a merge sets glibc's
-    ``M_MMAP_THRESHOLD`` for the process (:func:`wweight.checkpoint.plan.return_freed_memory`).
+    ``M_MMAP_THRESHOLD`` for the process (:func:`wweight.checkpoint.costs.return_freed_memory`).
     """
     dist = Dist()
     try:
