@@ -59,9 +59,8 @@ def _layers(z):
         1 + max(int(k.split(".")[2]) for k, _ in z["shapes"] if k.startswith("model.layers."))
 
 
-#: (name, config builder(zoo, dtype)): one line per CLI config. The last two need layer slices and
-#: parameter gradients in ``wweight merge`` (helper "config"); until then they are skipped with the
-#: error ``wweight merge`` gives.
+#: (name, config builder(zoo, dtype)): one line per CLI config; a config ``wweight merge`` refuses is
+#: reported as skipped with its error.
 CLI_CONFIGS = [
     ("slerp", lambda z, dt: {"merge_method": "slerp", "base_model": z["base"], "dtype": dt,
                              "models": [{"model": z["base"]}, {"model": z["models"][0]}],
