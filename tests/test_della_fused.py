@@ -177,14 +177,18 @@ def test_della_empty_tensor():
     assert out.shape == (0, 5)
 
 
-def test_della_thread_count_independent():
-    # the fused path in a child with one OpenMP thread gives the bits of this process (2+ threads here)
-    code = ("import torch,wweight;g=torch.Generator().manual_seed(0);b=torch.randn(300,900,generator=g);"
+def test_della_thread_count_independent(tmp_path):
+    # the fused path in a child with one OpenMP thread gives the bits of this process (2+ threads here);
+    # the child runs outside the checkout: `python -c` there would import the extension-less source tree
+    code = ("import torch,wweight;assert wweight.__file__ == %r, wweight.__file__;"
+            "g=torch.Generator().manual_seed(0);b=torch.randn(300,900,generator=g);" % wweight.__file__ +
             "xs=[b+0.01*torch.randn(300,900,generator=g) for _ in range(3)];"
             "o=wweight.merge_tensors('della',b,xs,density=0.3,seed=5,backend='cpu');"
             "import sys;sys.stdout.buffer.write(o.view(torch.int32).numpy().tobytes())")
-    one = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                         capture_output=True, check=True).stdout
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    one = proc.stdout
     g = torch.Generator().manual_seed(0)
     b = torch.randn(300, 900, generator=g)
     xs = [b + 0.01 * torch.randn(300, 900, generator=g) for _ in range(3)]

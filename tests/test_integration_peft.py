@@ -206,7 +206,8 @@ def test_default_min_numel_leaves_small_tensors_to_peft():
 def test_importing_wweight_does_not_import_peft():
     code = ("import sys, wweight, wweight.integrations; "
             "assert 'peft' not in sys.modules, 'peft imported'; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd="/")  # not the checkout, whose source tree `python -c` would import
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
