@@ -120,13 +120,12 @@ def ramplus_tl(base: torch.Tensor, tensors: Sequence[torch.Tensor], r: float = 0
     return out.view(base.shape)
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> torch.Tensor:
-    """mergekit's slerp: norms and dot as mergekit reduces them (per 1M-element chunk, then over the
-    chunks), without its per-chunk temporaries; the blend ``coef_a * x + coef_b * y`` in CHUNK pieces."""
-    CHUNK = _chunk()
-    if v0.numel() == 0:
-        return ref.slerp(t, v0, v1, dot_threshold, eps)
+def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
+                       eps: float = 1e-8):
+    """slerp's (coef_a, coef_b), (1, 1) tensors in mergekit's compute dtype on the inputs' device:
+    mergekit's norms and dot reduced as it reduces them (per 1M-element chunk, then over the chunks),
+    without its per-chunk temporaries, then its ``where`` / ``acos`` / ``sin``. Shared by the blend
+    below and the Triton blend kernel (wweight/backends/triton/interp.py)."""
     dtype = ref._compute(v0.dtype)
     a, b = _flat(v0).view(1, -1), _flat(v1).view(1, -1)
     tt = torch.tensor([t], dtype=dtype, device=a.device).reshape(-1, 1)
@@ -166,6 +165,19 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    return coef_a, coef_b
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
+          eps: float = 1e-8) -> torch.Tensor:
+    """mergekit's slerp: norms and dot as mergekit reduces them (per 1M-element chunk, then over the
+    chunks), without its per-chunk temporaries; the blend ``coef_a * x + coef_b * y`` in CHUNK pieces."""
+    CHUNK = _chunk()
+    if v0.numel() == 0:
+        return ref.slerp(t, v0, v1, dot_threshold, eps)
+    coef_a, coef_b = slerp_coefficients(t, v0, v1, dot_threshold, eps)
+    a, b = _flat(v0).view(1, -1), _flat(v1).view(1, -1)
+    n, dtype = a.shape[1], coef_a.dtype
     out = torch.empty_like(a)
     pa = torch.empty((1, min(CHUNK, n)), dtype=dtype, device=a.device)
     pb = torch.empty_like(pa)

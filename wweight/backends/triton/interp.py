@@ -26,7 +26,6 @@ import triton
 
 from ...interp import fast
 from ...kernels.interp import _nearswap_kernel, _ram_count_kernel, _ram_merge_kernel, _slerp_blend_kernel
-from ...reference import interp as ref
 from .launch import launch
 from .sparse import _ptr_table, aligned
 
@@ -105,58 +104,12 @@ def ramplus_tl(base: torch.Tensor, tensors: Sequence[torch.Tensor], r: float = 0
     return out.view(base.shape)
 
 
-def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
-                       eps: float = 1e-8) -> torch.Tensor:
-    """(coef_a, coef_b) as a 2-element float32 tensor on the inputs' device: mergekit's norms and
-    dot over its 1M-element chunks, then its ``where`` / ``acos`` / ``sin`` on (1, 1) tensors. The
-    same torch ops as :func:`wweight.interp.fast.slerp` (its reductions, op for op)."""
-    dtype = torch.float32
-    a, b = _flat(v0).view(1, -1), _flat(v1).view(1, -1)
-    tt = torch.tensor([t], dtype=dtype, device=a.device).reshape(-1, 1)
-    n, big = a.shape[1], ref._CHUNK_ELEMENTS
-    bx = torch.empty((1, min(big, n)), dtype=dtype, device=a.device)
-    by = torch.empty_like(bx)
-    convert = a.dtype != dtype
-
-    def chunk(src, s, buf):
-        x = src[:, s:s + big]
-        if not convert:
-            return x
-        buf = buf[:, :x.shape[1]]
-        buf.copy_(x)
-        return buf
-
-    na, nb = [], []
-    for s in range(0, n, big):
-        na.append(torch.linalg.vector_norm(chunk(a, s, bx), dim=1, keepdim=True))
-        nb.append(torch.linalg.vector_norm(chunk(b, s, by), dim=1, keepdim=True))
-    norm_a = torch.linalg.vector_norm(torch.stack(na), dim=0)
-    norm_b = torch.linalg.vector_norm(torch.stack(nb), dim=0)
-    norm_a = torch.where(norm_a > eps, norm_a, 1)
-    norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dots = []
-    for s in range(0, n, big):
-        x = a[:, s:s + big]
-        m = x.shape[1]
-        px, py = bx[:, :m], by[:, :m]
-        torch.div(x, norm_a, out=px) if not convert else px.copy_(x).div_(norm_a)
-        y = b[:, s:s + big]
-        torch.div(y, norm_b, out=py) if not convert else py.copy_(y).div_(norm_b)
-        dots.append(px.mul_(py).sum(dim=1, keepdim=True))
-    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
-    linear = dot.abs() > dot_threshold
-    theta = torch.acos(torch.where(linear, 0, dot))
-    sin_theta = torch.sin(theta)
-    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
-    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
-    return torch.cat([coef_a.view(1), coef_b.view(1)])
-
-
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995,
           eps: float = 1e-8) -> torch.Tensor:
     if not _kernel_ok(v0):
         return fast.slerp(t, v0, v1, dot_threshold, eps)
-    coef = slerp_coefficients(t, v0, v1, dot_threshold, eps)
+    coef_a, coef_b = fast.slerp_coefficients(t, v0, v1, dot_threshold, eps)   # mergekit's reductions
+    coef = torch.cat([coef_a.view(1), coef_b.view(1)]).to(torch.float32)
     a, b = _flat(v0), _flat(v1)
     out = torch.empty_like(a)
     n = a.numel()
