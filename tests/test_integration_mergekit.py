@@ -35,6 +35,7 @@ from mergekit.merge_methods import registry as mk_registry  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from wweight.integrations import mergekit as adapter  # noqa: E402
+from test_interp_mergekit import stable_topk  # noqa: E402  (mergekit's SCE with a stable top-k)
 
 SEED = 11
 
@@ -128,22 +129,6 @@ def stable_sorts():
         yield
     finally:
         torch.sort, torch.argsort = real_sort, real_argsort
-
-
-@contextlib.contextmanager
-def stable_topk():
-    """mergekit's SCE with torch.topk's tie choice fixed to the lowest flat indices."""
-    real = torch.topk
-
-    def topk(x, k, largest=True, **kw):
-        idx = torch.sort(x, descending=largest, stable=True).indices[:k]
-        return x[idx], idx
-
-    torch.topk = topk
-    try:
-        yield
-    finally:
-        torch.topk = real
 
 
 @contextlib.contextmanager
