@@ -201,3 +201,11 @@ def test_bad_input_names_the_argument():
         CQ.dequantize(codes, scale[:-1], zero, 100, torch.float32, 4, 32)
     with pytest.raises(ValueError, match="bits"):
         wweight.quantize(x, bits=9, backend="cpu")
+
+
+def test_cuda_selftests_pass_on_the_cpu_backend():
+    # the CUDA kernels' self-tests (same contract) must pass on this backend too
+    from wweight.backends.cuda import quant as CUQ
+
+    for op, fn in CUQ.SELFTESTS.items():
+        assert fn(torch.device("cpu"), prims=CQ), op

@@ -31,6 +31,10 @@
 #include <stdexcept>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "../quant_elem.h"
 #include "../sparse_elem.h"
 
@@ -77,40 +81,74 @@ inline const float* as_f32(const void* x, int64_t a, int64_t len, float* buf) {
 }
 
 // Min / max (asymmetric) or absmax (symmetric) of v[0, len), outliers (|v| >= thr when excl, or
-// m[i] != 0) left out. Branch-free selects so the loops vectorise; NaN is tracked apart because a
-// compare drops it.
+// m[i] != 0) left out. NaN is tracked apart (a compare drops it). x < lo ? x : lo is exactly
+// SSE's minps (and x > hi ? x : hi maxps), so the vector loop below and the scalar tail agree on
+// every input; compilers do not vectorise these reductions themselves (NaN semantics).
+template <bool SYM>
+inline void stats_one(float x, bool out, float& lo, float& hi, float& am, int& nan) {
+    const float a = std::fabs(x);
+    if constexpr (SYM) {
+        const float xa = out ? 0.f : a;
+        am = xa > am ? xa : am;
+    } else {
+        const float xl = out ? kInf : x, xh = out ? -kInf : x;
+        lo = xl < lo ? xl : lo;
+        hi = xh > hi ? xh : hi;
+    }
+    nan |= (!out) & (x != x);
+}
+
 template <bool SYM>
 void stats_add(const float* v, int64_t len, const uint8_t* m, bool excl, float thr, Stats& st) {
     float lo = st.lo, hi = st.hi, am = st.amax;
     int nan = 0;
-    if (!excl && m == nullptr) {
-        for (int64_t i = 0; i < len; ++i) {
-            const float x = v[i];
-            if constexpr (SYM) {
-                const float a = std::fabs(x);
-                am = a > am ? a : am;
-            } else {
-                lo = x < lo ? x : lo;
-                hi = x > hi ? x : hi;
+    int64_t i = 0;
+#if defined(__SSE2__)
+    {
+        __m128 vlo = _mm_set1_ps(lo), vhi = _mm_set1_ps(hi), vam = _mm_set1_ps(am), vnan = _mm_setzero_ps();
+        const __m128 absm = _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF));
+        const __m128 vthr = _mm_set1_ps(thr), vinf = _mm_set1_ps(kInf), vninf = _mm_set1_ps(-kInf);
+        const __m128i zi = _mm_setzero_si128();
+        const bool any_out = excl || m != nullptr;
+        for (; i + 4 <= len; i += 4) {
+            const __m128 x = _mm_loadu_ps(v + i);
+            const __m128 a = _mm_and_ps(x, absm);
+            __m128 out = _mm_setzero_ps();
+            if (any_out) {
+                if (excl) out = _mm_cmpge_ps(a, vthr);
+                if (m != nullptr) {
+                    int32_t m4;
+                    std::memcpy(&m4, m + i, 4);
+                    __m128i mi = _mm_unpacklo_epi8(_mm_cvtsi32_si128(m4), zi);
+                    mi = _mm_unpacklo_epi16(mi, zi);
+                    // lanes whose byte is nonzero: not (== 0)
+                    out = _mm_or_ps(out, _mm_andnot_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(mi, zi)),
+                                                       _mm_castsi128_ps(_mm_set1_epi32(-1))));
+                }
             }
-            nan |= x != x;
-        }
-    } else {
-        const float t = excl ? thr : kInf;  // |x| >= inf only for inf, which excl alone may drop
-        for (int64_t i = 0; i < len; ++i) {
-            const float x = v[i];
-            const float a = std::fabs(x);
-            const bool out = (excl & (a >= t)) | (m != nullptr && m[i] != 0);
             if constexpr (SYM) {
-                const float xa = out ? 0.f : a;
-                am = xa > am ? xa : am;
+                vam = _mm_max_ps(_mm_andnot_ps(out, a), vam);
             } else {
-                const float xl = out ? kInf : x, xh = out ? -kInf : x;
-                lo = xl < lo ? xl : lo;
-                hi = xh > hi ? xh : hi;
+                vlo = _mm_min_ps(_mm_or_ps(_mm_and_ps(out, vinf), _mm_andnot_ps(out, x)), vlo);
+                vhi = _mm_max_ps(_mm_or_ps(_mm_and_ps(out, vninf), _mm_andnot_ps(out, x)), vhi);
             }
-            nan |= (!out) & (x != x);
+            vnan = _mm_or_ps(vnan, _mm_andnot_ps(out, _mm_cmpunord_ps(x, x)));
         }
+        float l4[4], h4[4], a4[4];
+        _mm_storeu_ps(l4, vlo);
+        _mm_storeu_ps(h4, vhi);
+        _mm_storeu_ps(a4, vam);
+        for (int k = 0; k < 4; ++k) {
+            lo = l4[k] < lo ? l4[k] : lo;
+            hi = h4[k] > hi ? h4[k] : hi;
+            am = a4[k] > am ? a4[k] : am;
+        }
+        nan |= _mm_movemask_ps(vnan) != 0;
+    }
+#endif
+    for (; i < len; ++i) {
+        const bool out = (excl && std::fabs(v[i]) >= thr) || (m != nullptr && m[i] != 0);
+        stats_one<SYM>(v[i], out, lo, hi, am, nan);
     }
     st.lo = lo;
     st.hi = hi;
