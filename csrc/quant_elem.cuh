@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include "common.cuh"
+#include "quant_elem.h"
 
 namespace wweight {
 namespace quant {
@@ -87,19 +88,10 @@ struct Stats {
 
 // The RTN code of v for the stored scale s (and zero z, asymmetric): exactly the reference's
 // round((v - z) / s) (IEEE division, round half to even), clamped; scale 0 gives the zero code.
+// The formula is csrc/quant_elem.h's, shared with the C++ CPU kernels (csrc/cpu/quant_cpu.cpp).
 template <int BITS>
 __device__ __forceinline__ uint64_t code_of(float v, float s, float z, bool sym) {
-    constexpr int kHalf = 1 << (BITS - 1);
-    constexpr float kMax = (float)((1 << BITS) - 1);
-    float q;
-    if (sym) {
-        q = s > 0.f ? rintf(__fdiv_rn(v, s)) : 0.f;
-        q = fminf(fmaxf(q, (float)-kHalf), (float)(kHalf - 1)) + (float)kHalf;
-    } else {
-        q = s > 0.f ? rintf(__fdiv_rn(__fsub_rn(v, z), s)) : 0.f;
-        q = fminf(fmaxf(q, 0.f), kMax);
-    }
-    return (uint64_t)q;
+    return (uint64_t)quant_elem::code_of(v, s, z, sym, BITS);
 }
 
 // Bytes per access of a group's BITS bytes: the largest power of two dividing BITS, so that

@@ -10,6 +10,7 @@ void register_sparse_cpu(py::module_& m);
 void register_della_cpu(py::module_& m);
 void register_lap_auction_cpu(py::module_& m);
 void register_lap_cpu(py::module_& m);
+void register_quant_cpu(py::module_& m);
 
 PYBIND11_MODULE(_cpu, m) {
     m.doc() = "wweight CPU kernels (C++/OpenMP, raw-pointer pybind11 bindings)";
@@ -18,6 +19,7 @@ PYBIND11_MODULE(_cpu, m) {
     register_della_cpu(m);
     register_lap_auction_cpu(m);
     register_lap_cpu(m);
+    register_quant_cpu(m);
 #ifdef _OPENMP
     m.attr("openmp") = true;
 #else

@@ -51,7 +51,8 @@ def _run_quantize(x, mask, thr, bits, block_size, symmetric, clip, scale_dtype, 
 def _quantize_op(x: torch.Tensor, mask: Optional[torch.Tensor], thr: float, bits: int, block_size: int,
                  symmetric: bool, clip: float, scale_dtype: torch.dtype,
                  backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    be = _dispatch.resolve("quant_pack", x.device, backend, family="quant", has_cuda=x.dtype != torch.float64)
+    be = _dispatch.resolve("quant_pack", x.device, backend, family="quant", has_cuda=x.dtype != torch.float64,
+                            has_cpu=True)
     codes, scale, zero, idx = _run_quantize(x, mask, thr, bits, block_size, symmetric,
                                             None if clip <= 0 else clip, scale_dtype, be)
     if zero is None:
@@ -83,7 +84,8 @@ def _dequantize_op(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torc
                    outlier_idx: torch.Tensor, outlier_val: torch.Tensor, shape: List[int],
                    dtype: torch.dtype, bits: int, block_size: int, backend: Optional[str]) -> torch.Tensor:
     n = math.prod(shape)
-    be = _dispatch.resolve("quant_dequant", codes.device, backend, family="quant", has_cuda=dtype != torch.float64)
+    be = _dispatch.resolve("quant_dequant", codes.device, backend, family="quant", has_cuda=dtype != torch.float64,
+                         has_cpu=True)
     out = _run_dequant(codes, scale, zero, n, dtype, bits, block_size, be)
     if outlier_idx.numel():
         # a second, tiny launch: K << n exact values overwrite their dequantized positions
@@ -170,7 +172,8 @@ def quantize(weight: torch.Tensor, bits: int = 4, block_size: Union[int, str, No
         return QuantizedTensor(torch.zeros(0, dtype=torch.uint8, device=x.device), torch.zeros(0, dtype=sd, device=x.device),
                                z, torch.zeros(0, dtype=torch.int32, device=x.device), weight.new_zeros(0),
                                weight.shape, weight.dtype, bits, bs, symmetric)
-    be = _dispatch.resolve("quant_pack", x.device, backend, family="quant", has_cuda=x.dtype != torch.float64)
+    be = _dispatch.resolve("quant_pack", x.device, backend, family="quant", has_cuda=x.dtype != torch.float64,
+                            has_cpu=True)
     if be == "triton":
         # Triton's GPU min/max drop NaNs, so check up front, in one read-only pass (aminmax
         # propagates NaN and shows +-Inf; isfinite().all() wrote and re-read a bool copy). The
