@@ -26,7 +26,7 @@ Every module of a family has the same functions (the family's backend contract):
   cannot follow torch's order (the caller runs the reference); ``della_sparsify(x, density, epsilon,
   rescale_norm, seed, stream)`` -> the sparsified tensor (``csrc/cpu/della_cpu.cpp``).
 
-``quant`` (torch, cuda, triton):
+``quant`` (torch, cpu, cuda, triton):
 
 * ``quantize(x, mask, thr, bits, bs, symmetric, clip, scale_dtype, one_pass=None)`` -> (codes, scale,
   zero or None, sorted outlier flat indices int64) of the flat contiguous ``x`` (``one_pass=False``
