@@ -36,17 +36,17 @@ def _eigh_desc(g: torch.Tensor, top: Optional[int] = None) -> Tuple[torch.Tensor
         # eigh on the CPUs measured)
         k = top if (top is not None and 0 < top < r // 2) else r
         flat = g.reshape(-1, r, r).numpy()
-        lams, vecs = [], []
-        for gi in flat:
+        lam_all = torch.empty(flat.shape[0], k, dtype=g.dtype)
+        vec_all = torch.empty(flat.shape[0], r, k, dtype=g.dtype)
+        for i, gi in enumerate(flat):   # written in place: no stacked copy of the eigenvectors
             if k < r:
                 lam, vec = sl.eigh(gi, subset_by_index=[r - k, r - 1], driver="evr", check_finite=False)
             else:
                 lam, vec = sl.eigh(gi, driver="evd", check_finite=False)
-            lams.append(torch.from_numpy(lam[::-1].copy()))
-            vecs.append(torch.from_numpy(vec[:, ::-1].copy()))
-        lam = torch.stack(lams).reshape(*g.shape[:-2], k)
-        vec = torch.stack(vecs).reshape(*g.shape[:-2], r, k)
-        return lam.clamp_min(0), vec
+            lam_all[i].numpy()[:] = lam[::-1]
+            vec_all[i].numpy()[:] = vec[:, ::-1]
+            del vec
+        return lam_all.reshape(*g.shape[:-2], k).clamp_min(0), vec_all.reshape(*g.shape[:-2], r, k)
     lam, vec = torch.linalg.eigh(g)
     return lam.flip(-1).clamp_min(0), vec.flip(-1)
 
@@ -117,7 +117,7 @@ def _iso_c_batch(msum: torch.Tensor, rtol: float) -> torch.Tensor:
         w = (u * _inv_kept(s, keep).unsqueeze(-2)) @ u.mT
         q = w @ msum
     # mean over all r singular values (the authors' S.mean()), dropped ones as exact zeros
-    return q * ((s * keep).sum(-1) / r)[..., None, None]
+    return q.mul_(((s * keep).sum(-1) / r)[..., None, None])
 
 
 def _task(d: torch.Tensor, t: int) -> torch.Tensor:
