@@ -14,6 +14,7 @@ import torch
 
 from ..methods import ISO_METHODS
 from ..reference.iso import iso_cts_split
+from . import _threads
 
 _LINALG = torch.float64  # Gram matrices, eigendecompositions and the products that use them
 
@@ -24,30 +25,28 @@ def _eigh_desc(g: torch.Tensor, top: Optional[int] = None) -> Tuple[torch.Tensor
     ``top``: only the ``top`` largest eigenpairs are needed (the rest may be omitted). On CPU this
     uses LAPACK's ``syevr`` through SciPy for just those (2-5x faster than the full ``syevd``
     when ``top`` is a small fraction of r, as for TSV-M / Iso-CTS task triplets); on GPU
-    ``torch.linalg.eigh`` (cuSOLVER).
+    ``torch.linalg.eigh`` (cuSOLVER). SciPy's BLAS must be held to one thread (the caller,
+    :func:`._threads.per_key`, does; without threadpoolctl torch's eigh is used).
     """
     r = g.shape[-1]
-    if g.device.type == "cpu" and g.dtype == torch.float64 and r > 0 and g.numel() > 0:
-        try:
-            import scipy.linalg as sl
-        except ImportError:  # pragma: no cover - scipy is a dependency
-            sl = None
-        if sl is not None:
-            # SciPy's LAPACK: syevr for a few top pairs; syevd for all (15-25% faster than torch's
-            # eigh on the CPUs measured)
-            k = top if (top is not None and 0 < top < r // 2) else r
-            flat = g.reshape(-1, r, r).numpy()
-            lams, vecs = [], []
-            for gi in flat:
-                if k < r:
-                    lam, vec = sl.eigh(gi, subset_by_index=[r - k, r - 1], driver="evr", check_finite=False)
-                else:
-                    lam, vec = sl.eigh(gi, driver="evd", check_finite=False)
-                lams.append(torch.from_numpy(lam[::-1].copy()))
-                vecs.append(torch.from_numpy(vec[:, ::-1].copy()))
-            lam = torch.stack(lams).reshape(*g.shape[:-2], k)
-            vec = torch.stack(vecs).reshape(*g.shape[:-2], r, k)
-            return lam.clamp_min(0), vec
+    if g.device.type == "cpu" and g.dtype == torch.float64 and r > 0 and g.numel() > 0 and _threads.scipy_ok():
+        import scipy.linalg as sl
+
+        # SciPy's LAPACK: syevr for a few top pairs; syevd for all (15-25% faster than torch's
+        # eigh on the CPUs measured)
+        k = top if (top is not None and 0 < top < r // 2) else r
+        flat = g.reshape(-1, r, r).numpy()
+        lam_all = torch.empty(flat.shape[0], k, dtype=g.dtype)
+        vec_all = torch.empty(flat.shape[0], r, k, dtype=g.dtype)
+        for i, gi in enumerate(flat):   # written in place: no stacked copy of the eigenvectors
+            if k < r:
+                lam, vec = sl.eigh(gi, subset_by_index=[r - k, r - 1], driver="evr", check_finite=False)
+            else:
+                lam, vec = sl.eigh(gi, driver="evd", check_finite=False)
+            lam_all[i].numpy()[:] = lam[::-1]
+            vec_all[i].numpy()[:] = vec[:, ::-1]
+            del vec
+        return lam_all.reshape(*g.shape[:-2], k).clamp_min(0), vec_all.reshape(*g.shape[:-2], r, k)
     lam, vec = torch.linalg.eigh(g)
     return lam.flip(-1).clamp_min(0), vec.flip(-1)
 
@@ -56,20 +55,23 @@ def _inv_kept(s: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
 
 
-def _polar(a: torch.Tensor, rtol: float) -> torch.Tensor:
-    """``U V^T`` of ``a`` (..., m, n), singular values <= rtol * sigma_1 dropped (a partial isometry)."""
+def _polar(a: torch.Tensor, rtol: float, floor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``U V^T`` of ``a`` (..., m, n), singular values <= rtol * sigma_1 dropped (a partial isometry).
+
+    ``floor`` (...,): a lower bound of sigma_1 used in the threshold, ``rtol * max(sigma_1, floor)``
+    (for a block of a larger matrix whose other block has singular values ``floor``).
+    """
     m, n = a.shape[-2:]
     if min(m, n) == 0:
         return torch.zeros_like(a)
     if m >= n:  # a = U S V^T, a^T a = V S^2 V^T, U V^T = a V S^-1 V^T
         s2, v = _eigh_desc(a.mT @ a)
-        s = s2.sqrt()
-        w = (v * _inv_kept(s, s > rtol * s[..., :1]).unsqueeze(-2)) @ v.mT
-        return a @ w
-    s2, u = _eigh_desc(a @ a.mT)
+    else:
+        s2, v = _eigh_desc(a @ a.mT)
     s = s2.sqrt()
-    w = (u * _inv_kept(s, s > rtol * s[..., :1]).unsqueeze(-2)) @ u.mT
-    return w @ a
+    top = s[..., :1] if floor is None else torch.maximum(s[..., :1], floor.unsqueeze(-1))
+    w = (v * _inv_kept(s, s > rtol * top).unsqueeze(-2)) @ v.mT
+    return a @ w if m >= n else w @ a
 
 
 def _top_triplets(a: torch.Tensor, p: int, scale: torch.Tensor, rtol: float):
@@ -115,7 +117,7 @@ def _iso_c_batch(msum: torch.Tensor, rtol: float) -> torch.Tensor:
         w = (u * _inv_kept(s, keep).unsqueeze(-2)) @ u.mT
         q = w @ msum
     # mean over all r singular values (the authors' S.mean()), dropped ones as exact zeros
-    return q * ((s * keep).sum(-1) / r)[..., None, None]
+    return q.mul_(((s * keep).sum(-1) / r)[..., None, None])
 
 
 def _task(d: torch.Tensor, t: int) -> torch.Tensor:
@@ -162,18 +164,18 @@ def _iso_cts_batch(d: torch.Tensor, f: float, rtol: float) -> torch.Tensor:
         return (sk.sum(-1) / r)[..., None, None] * (_polar(uk, rtol) @ _polar(vk, rtol))
 
     # task-specific triplets of (I - U_k U_k^T) Delta_t, task by task, into their slots
-    stack_u = torch.zeros(B, m, r, dtype=_LINALG, device=d.device)
-    stack_v = torch.zeros(B, r, n, dtype=_LINALG, device=d.device)
     total_s = sk.sum(-1)
     # I - U_k U_k^T = U_perp U_perp^T when all k common directions are kept: the SVD of the
     # (m-k) x n matrix U_perp^T Delta_t gives the same singular values / right vectors, and the
     # left vectors U_perp @ u (m <= n only: then U of M is a complete basis)
     u_perp = u_full[..., k:] if (m <= n and bool(keep_c.all())) else None
+    stack_u = torch.zeros((B, m, r) if u_perp is None else (B, m - k, T * p), dtype=_LINALG, device=d.device)
+    stack_v = torch.zeros(B, r, n, dtype=_LINALG, device=d.device)
     for t in range(T):
         dt = _task(d, t)
         if u_perp is not None:
+            # ut stays in U_perp coordinates ((m-k) x p): the polar factor below works there
             ut, st, vt = _top_triplets(u_perp.mT @ dt, p, tnorm[:, t], rtol)
-            ut = u_perp @ ut
         else:
             ut, st, vt = _top_triplets(dt - uk @ (uk.mT @ dt), p, tnorm[:, t], rtol)
         pp = ut.shape[-1]  # < p only for matrices too small to have p triplets: slots stay zero
@@ -181,9 +183,20 @@ def _iso_cts_batch(d: torch.Tensor, f: float, rtol: float) -> torch.Tensor:
         stack_v[..., t * p:t * p + pp, :] = vt
         total_s += st.sum(-1)
         del dt, ut, vt
-    stack_u[..., T * p:] = uk
     stack_v[..., T * p:, :] = vk
-    return (total_s / r)[..., None, None] * (_polar(stack_u, rtol) @ _polar(stack_v, rtol))
+    pv = _polar(stack_v, rtol)
+    if u_perp is not None:
+        # stack_u = [U_perp X, U_k] with orthonormal U = [U_k, U_perp] (all of M's left vectors):
+        # its Gram is blockdiag(X^T X, I_k), so polar(stack_u) = [U_perp polar(X), U_k] -- an
+        # (r-k) x (r-k) eigendecomposition instead of r x r. X's threshold uses sigma_1 of the
+        # whole stack, max(sigma_1(X), 1).
+        px = _polar(stack_u, rtol, floor=torch.ones(B, dtype=_LINALG, device=d.device))
+        del stack_u
+        merged = u_perp @ (px @ pv[..., :T * p, :]) + uk @ pv[..., T * p:, :]
+    else:
+        stack_u[..., T * p:] = uk
+        merged = _polar(stack_u, rtol) @ pv
+    return (total_s / r)[..., None, None] * merged
 
 
 def _tsv_m_batch(d: torch.Tensor, rtol: float) -> torch.Tensor:
@@ -207,10 +220,21 @@ def _tsv_m_batch(d: torch.Tensor, rtol: float) -> torch.Tensor:
     return (_polar(stack_u, rtol) * stack_s.unsqueeze(-2)) @ _polar(stack_v, rtol)
 
 
-
-
 def merge_batch(deltas: torch.Tensor, method: str, common_space_fraction: float, rank_rtol: float) -> torch.Tensor:
-    """deltas: (B, T, m, n) task vectors (for ``iso_c``: (B, 1, m, n) sums) -> (B, m, n) float64."""
+    """deltas: (B, T, m, n) task vectors (for ``iso_c``: (B, 1, m, n) sums) -> (B, m, n) float64.
+
+    CUDA: the whole batch as batched GEMMs / eigendecompositions. CPU: one key at a time per
+    thread (:mod:`._threads`), so the result of a key does not depend on the thread count, the
+    batch size or the other keys.
+    """
+    if method not in ISO_METHODS:
+        raise ValueError(f"method must be one of {list(ISO_METHODS)}, got {method!r}")
+    if deltas.device.type == "cpu":
+        return _threads.per_key(deltas, lambda one: _merge(one, method, common_space_fraction, rank_rtol))
+    return _merge(deltas, method, common_space_fraction, rank_rtol)
+
+
+def _merge(deltas: torch.Tensor, method: str, common_space_fraction: float, rank_rtol: float) -> torch.Tensor:
     if method == "iso_c":
         return _iso_c_batch(deltas.sum(1).to(_LINALG) if deltas.shape[1] > 1 else deltas[:, 0].to(_LINALG),
                             rank_rtol)
