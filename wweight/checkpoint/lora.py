@@ -47,7 +47,7 @@ import torch
 
 from .. import _hub as hub
 from .format import CheckpointError, TensorInfo, inside, read_header
-from .reader import Checkpoint, _pread_into
+from .reader import Checkpoint, TensorSource, _pread_into
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -126,7 +126,7 @@ def _read_config(path: str, where: str) -> dict:
     return cfg
 
 
-class LoraCheckpoint:
+class LoraCheckpoint(TensorSource):
     """A :class:`Checkpoint` with a PEFT LoRA adapter merged into its tensors as they are read.
 
     Same interface as :class:`Checkpoint` for the merge engine: ``keys``, ``tensors`` (the base's:
@@ -342,25 +342,12 @@ class LoraCheckpoint:
             w += lb * blm.scaling                        # PEFT: bias.data += lora_B.bias * scaling
         return w
 
-    def state_dict(self, keys=None) -> Dict[str, torch.Tensor]:
-        return {k: self.read(k) for k in (self.keys if keys is None else keys)}
-
     def close(self) -> None:
         self.base.close()
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):  # pragma: no cover - best effort
-        with contextlib.suppress(Exception):
-            self.close()
 
 
 def open_model(entry_or_path, lora: Optional[str] = None, *, what: str = "model",

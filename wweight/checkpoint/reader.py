@@ -29,7 +29,32 @@ def _pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
         done += k
 
 
-class Checkpoint:
+class TensorSource:
+    """What the merge engine reads tensors from (:class:`Checkpoint`, and
+    :class:`wweight.checkpoint.lora.LoraCheckpoint` on top of one): ``read(key)`` and ``close()``
+    from the subclass; ``state_dict`` and the context-manager / finaliser behaviour here."""
+
+    def read(self, key: str, *, pin: bool = False) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_dict(self, keys: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+        return {k: self.read(k) for k in (self.keys if keys is None else keys)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class Checkpoint(TensorSource):
     """A model directory in Hugging Face safetensors layout, opened read-only.
 
     ``Checkpoint(path)`` validates the layout and every shard header; :meth:`read` returns one
@@ -145,24 +170,11 @@ class Checkpoint:
             _pread_into(self._fd(info.file), memoryview(buf.numpy()), info.start, info.file)
         return buf.view(info.dtype).reshape(info.shape)
 
-    def state_dict(self, keys: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
-        return {k: self.read(k) for k in (self.keys if keys is None else keys)}
-
     def close(self) -> None:
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):  # pragma: no cover - best effort
-        with contextlib.suppress(Exception):
-            self.close()
 
 
 def load_checkpoint(path: str, *, allow_symlinks: bool = False) -> Dict[str, torch.Tensor]:
