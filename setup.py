@@ -17,6 +17,7 @@
 """
 import glob
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -86,8 +87,18 @@ class BuildExt(build_ext):
 
         ext.include_dirs = [pybind11.get_include(), os.path.join(ROOT, "csrc")]
         ext.language = "c++"
-        ext.extra_compile_args = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden"]
+        # -ffp-contract=off: no fused multiply-add anywhere, so every build (baseline, AVX2, aarch64)
+        # rounds each product and sum on its own and gives the same bits
+        ext.extra_compile_args = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
         ext.extra_link_args = ["-fopenmp"]
+        # *_avx2.cpp: the same kernels built for AVX2 (never FMA), picked at run time by cpuid
+        # (csrc/cpu/sparse_cpu.cpp); elsewhere they compile to an empty table
+        isa = [s for s in ext.sources if s.endswith("_avx2.cpp")]
+        if isa and platform.machine().lower() in ("x86_64", "amd64"):
+            ext.sources = [s for s in ext.sources if s not in isa]
+            ext.extra_objects = self.compiler.compile(
+                isa, output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                extra_postargs=ext.extra_compile_args + ["-mavx2", "-fPIC"])
         try:
             build_ext.build_extension(self, ext)
             return True

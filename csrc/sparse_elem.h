@@ -24,9 +24,9 @@
 namespace wweight {
 namespace elem {
 
-using ::wweight::BF16;
-using ::wweight::F16;
-using ::wweight::F32;
+using wweight::BF16;
+using wweight::F16;
+using wweight::F32;
 
 // == wweight/sparse/plan.py MODE_* and BLOCK (tie offsets are counted per block of kBlock elements);
 // both extensions export them (SPARSE_MODES, SPARSE_BLOCK: csrc/constants.h), tests/test_layout.py checks them

@@ -159,3 +159,22 @@ def device_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         t = t.pin_memory()
     return t.to(device, non_blocking=True)
+
+
+#: outputs at least this large get transparent huge pages on Linux (see :func:`empty_like`)
+HUGE_PAGE_MIN_BYTES = 8 << 20
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(t)`` for a kernel's output; on CPU (Linux, the C++ extension built) a large
+    buffer is advised to use transparent huge pages before its first write. Every fresh output is
+    first touched by the kernel that fills it, and on a 4 KB page that costs a page fault per page:
+    about 30 ms for 64 MB on the 2-core CI VM against 8 ms with 2 MB pages
+    (``benchmarks/results/sparse_cpu.md``). Only the 2 MB-aligned inside of the buffer is advised,
+    so no other allocation's pages change."""
+    out = torch.empty_like(t)
+    if out.device.type == "cpu" and out.nbytes >= HUGE_PAGE_MIN_BYTES:
+        ext = cpu_extension()
+        if ext is not None and hasattr(ext, "advise_huge_pages"):
+            ext.advise_huge_pages(out.data_ptr(), out.nbytes)
+    return out

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .._ext import device_tensor
+from .._ext import device_tensor, empty_like
 from .plan import build_plan, key_to_value, radix_select, rescale_factors, work_dtype
 
 
@@ -42,7 +42,7 @@ def sparsify(prims, x: torch.Tensor, density: float, method: str, gamma: float,
     plan = build_plan(prims, [x], None, method, [density], [gamma], seed, stream)
     wdt = work_dtype(x.dtype, method)
     scales = rescale_factors(prims, [x], None, plan, rescale_norm, [density], x.dtype, wdt)
-    out = torch.empty_like(x)
+    out = empty_like(x)
     ones = torch.ones(1, dtype=torch.float32, device=x.device)
     flags = prims.merge([x], None, out, plan, ones, scales, 1.0, 1.0, False, False, sparsify_only=True)
     raise_on_flags(flags, ["tensor"])
@@ -56,7 +56,7 @@ def linear(prims, tensors: List[torch.Tensor], weights: List[float], normalize: 
     w = device_tensor(weights, torch.float32, tensors[0].device)
     # mergekit divides by the float32 sum of the float32 weights
     div = float(torch.tensor(weights, dtype=torch.float32).sum()) if normalize else 1.0
-    out = torch.empty_like(tensors[0])
+    out = empty_like(tensors[0])
     flags = prims.merge(tensors, None, out, plan, w, torch.ones_like(w), 1.0, div, False, normalize,
                         round16=False)
     raise_on_flags(flags, input_names(K))
@@ -78,7 +78,7 @@ def task_arithmetic(prims, consensus: Optional[str], sparsification: Optional[st
     w_dt = torch.tensor(weights, dtype=dtype)
     div = w_dt.sum()
     div_nc = 1.0 if float(div.abs()) < 1e-8 else float(div)
-    out = torch.empty_like(base)
+    out = empty_like(base)
     w = device_tensor(w_dt.float(), torch.float32, base.device)
     flags = prims.merge(tensors, base, out, plan, w, scales, lambda_, div_nc, consensus is not None, normalize)
     raise_on_flags(flags, input_names(K))

@@ -7,7 +7,8 @@ A backend provides four primitives over "the delta of model t", ``d_t = round(x_
 using those primitives:
 
 * exact k-th largest ``|d|`` by radix select on the magnitude bits of ``d`` (31 bits for fp32,
-  15 bits for fp16/bf16; digits of 11/11/9 bits -> 3 passes for fp32, 11/4 -> 2 passes for 16-bit),
+  15 bits for fp16/bf16; digits of 11/11/9 bits -> 3 passes for fp32, 11/4 -> 2 passes for 16-bit;
+  the CPU backend uses 16/15 -> 2 passes and 15 -> 1 pass),
   all queries (models, lower/upper cut) answered in the same passes;
 * keep windows on the tie group at each cut, so that ties are broken by flat index exactly
   like a stable sort (see ``wweight/reference/sparse.py``); per-block tie counts are only
@@ -43,7 +44,9 @@ def key_bits(dtype: torch.dtype) -> int:
 
 
 def digits_for(bits: int) -> List[Tuple[int, int]]:
-    """(shift, nbits) of each radix pass, most significant first."""
+    """(shift, nbits) of each radix pass, most significant first (a backend may pick its own: a
+    ``digits_for`` function in its primitives module, e.g. wider digits on CPU, where a histogram
+    of 2^16 counters per thread is cheap and every pass saved is one read of all inputs)."""
     return [(20, 11), (9, 11), (0, 9)] if bits == 31 else [(4, 11), (0, 4)]
 
 
@@ -64,7 +67,7 @@ def radix_select(prims, xs, base, qmodel: torch.Tensor, ks: torch.Tensor, dtype:
     k_rem = ks.clone()
     count_eq = torch.zeros(Q, dtype=torch.int64, device=dev)
     rows = torch.arange(Q, device=dev)
-    for i, (shift, nbits) in enumerate(digits_for(key_bits(dtype))):
+    for i, (shift, nbits) in enumerate(getattr(prims, "digits_for", digits_for)(key_bits(dtype))):
         hist = prims.digit_hist(xs, base, qmodel, prefix, shift, nbits, shift + nbits, i > 0)
         nb = 1 << nbits
         cum = hist.flip(-1).cumsum(-1)                       # cum[:, j]: count in bins >= nb-1-j
@@ -165,12 +168,11 @@ def build_plan(prims, xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], 
             spec.append(("out", n_bot, target))
             queries.append((t, 0, n - n_bot))                 # value at ascending position n_bot
             queries.append((t, 1, n - n_bot - target + 1))    # value at ascending position n_bot+target-1
-    need = []                                             # (t, cut, key) needing tie ranks
+    need = []                                             # (t, cut, key, query) needing tie ranks
+    known_ties = None                                     # (Q, nblocks) tie counts a fast select gave
     if queries:
-        qm = device_tensor([q[0] for q in queries], torch.int64, dev)
-        ks = device_tensor([q[2] for q in queries], torch.int64, dev)
-        keys, gts, eqs = torch.stack(radix_select(prims, xs, base, qm, ks, dtype)).tolist()  # the plan's one sync
-        for (t, cut, k), key, gt, eq in zip(queries, keys, gts, eqs):
+        keys, gts, eqs, known_ties = _select(prims, xs, base, queries, dtype, dev)
+        for qi, ((t, cut, k), key, gt, eq) in enumerate(zip(queries, keys, gts, eqs)):
             s = spec[t]
             if s[0] == "mag":
                 a, b, r = _window(0, k - gt, eq, key)
@@ -182,19 +184,53 @@ def build_plan(prims, xs: Sequence[torch.Tensor], base: Optional[torch.Tensor], 
                 kp[t][cut] = key
                 kp[t][2 + 2 * cut: 4 + 2 * cut] = [a, b]
             if r:
-                need.append((t, cut, key))
+                need.append((t, cut, key, qi))
     kp_t = device_tensor(kp, torch.int64, dev)
     if not need:
         return MaskPlan(MODE_WINDOW, kp_t, dummy, False, dens_t)
     nblocks = (n + BLOCK - 1) // BLOCK
-    qm = device_tensor([t for t, _, _ in need], torch.int64, dev)
-    qk = device_tensor([k for _, _, k in need], torch.int64, dev)
-    counts = prims.tie_counts(xs, base, qm, qk)                       # (Q', nblocks)
+    rows = {}                                             # need index -> its (nblocks,) counts
+    if known_ties is not None:
+        rows = {i: known_ties[0][qi] for i, (_, _, _, qi) in enumerate(need) if known_ties[1][qi]}
+    rest = [i for i in range(len(need)) if i not in rows]
+    if rest:
+        qm = device_tensor([need[i][0] for i in rest], torch.int64, dev)
+        qk = device_tensor([need[i][2] for i in rest], torch.int64, dev)
+        counts = prims.tie_counts(xs, base, qm, qk)                   # (Q', nblocks)
+        rows.update({i: counts[j] for j, i in enumerate(rest)})
+    counts = torch.stack([rows[i] for i in range(len(need))])
     excl = torch.cumsum(counts, dim=1) - counts
     offs = torch.zeros((K, 2, nblocks), dtype=torch.int64, device=dev)
-    for i, (t, cut, _) in enumerate(need):
+    for i, (t, cut, _, _) in enumerate(need):
         offs[t, cut] = excl[i]
     return MaskPlan(MODE_WINDOW, kp_t, offs, True, dens_t)
+
+
+def _select(prims, xs, base, queries, dtype, dev):
+    """(keys, count_gt, count_eq) host lists of every query, and ``(ties, resolved)`` from a backend's
+    one-pass ``select`` (its per-block tie counts, and which rows it answered) or None. The backend's
+    select answers most queries in one pass; the radix passes answer the rest (and every query of a
+    backend without one). Either way the answers are exact: the same numbers."""
+    Q = len(queries)
+    keys, gts, eqs = [0] * Q, [0] * Q, [0] * Q
+    rest = list(range(Q))
+    known = None
+    if hasattr(prims, "select"):
+        res, ties = prims.select(xs, base, [q[0] for q in queries], [q[2] for q in queries])
+        res_l = res.tolist()
+        resolved = [bool(r[3]) for r in res_l]
+        for i, r in enumerate(res_l):
+            if resolved[i]:
+                keys[i], gts[i], eqs[i] = r[0], r[1], r[2]
+        rest = [i for i in range(Q) if not resolved[i]]
+        known = (ties, resolved)
+    if rest:
+        qm = device_tensor([queries[i][0] for i in rest], torch.int64, dev)
+        ks = device_tensor([queries[i][2] for i in rest], torch.int64, dev)
+        k2, g2, e2 = torch.stack(radix_select(prims, xs, base, qm, ks, dtype)).tolist()  # the plan's one sync
+        for j, i in enumerate(rest):
+            keys[i], gts[i], eqs[i] = k2[j], g2[j], e2[j]
+    return keys, gts, eqs, known
 
 
 def work_dtype(dtype: torch.dtype, sparsification: str) -> torch.dtype:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._ext import cpu_extension, dtype_code, ptr, ptrs
+from ..._ext import cpu_extension, dtype_code, empty_like, ptr, ptrs
 from ...sparse.plan import BLOCK, NORM_CODES, first, round16 as _round16
 
 
@@ -16,11 +16,32 @@ def _args(xs, base):
     return ptrs(xs), ptr(base), dtype_code(x0), x0.numel()
 
 
+def digits_for(bits: int):
+    """Radix digits of the CPU select (see wweight/sparse/plan.py digits_for): 2^16 / 2^15 counters per
+    thread and query fit in L2 and leave far fewer repeated increments of one hot counter (the
+    dependency that bounds a narrow histogram); fp32 keys take 2 passes, 16-bit keys 1."""
+    return [(15, 16), (0, 15)] if bits == 31 else [(0, 15)]
+
+
 def digit_hist(xs, base, qmodel, prefix, shift, nbits, high_shift, has_prefix):
     out = torch.zeros((qmodel.numel(), 1 << nbits), dtype=torch.int64)
     cpu_extension().sparse_digit_hist(*_args(xs, base), qmodel.tolist(), prefix.tolist(), shift, nbits, high_shift,
                                       bool(has_prefix), out.data_ptr())
     return out
+
+
+def select(xs, base, qmodel, ks):
+    """Exact k-th largest key of every query and its per-block tie counts, usually in one pass
+    (``csrc/cpu/sparse_kernels.h`` select_keys; the plan's optional fast path, see
+    wweight/sparse/plan.py build_plan). Returns ``(res, ties)``: (Q, 4) int64 rows
+    (key, count_gt, count_eq, resolved) and (Q, nblocks) int64; a row with resolved = 0 is left to
+    the radix passes."""
+    n = first(xs, base).numel()
+    Q = len(qmodel)
+    res = torch.zeros((Q, 4), dtype=torch.int64)
+    ties = torch.zeros((Q, (n + BLOCK - 1) // BLOCK), dtype=torch.int64)
+    cpu_extension().sparse_select(*_args(xs, base), list(qmodel), list(ks), res.data_ptr(), ties.data_ptr())
+    return res, ties
 
 
 def tie_counts(xs, base, qmodel, qkey):
@@ -198,7 +219,7 @@ def della_merge(xs, base, weights, density, epsilon, lambda_, normalize, rescale
     w = torch.tensor(list(weights), dtype=dtype).reshape(K, *([1] * base.dim()))
     div = w.sum(dim=0)
     div[div.abs() < 1e-8] = 1
-    out = torch.empty_like(base)
+    out = empty_like(base)
     cpu_extension().della_merge(ptrs(xs), ptr(base), out.data_ptr(), dtype_code(base), n, seq_end, modes,
                                 [int(h) for h in hs], list(sc), bits.data_ptr(), w.float().reshape(-1).tolist(),
                                 float(lambda_), float(div.reshape(-1)[0]), bool(consensus), bool(normalize), False)
@@ -212,7 +233,7 @@ def della_sparsify(x, density, epsilon, rescale_norm, seed, stream):
     modes, bits, stats, flags = _della_masks([x], None, [density], [epsilon], seed, stream, rescale_norm, wd)
     _raise_nonfinite(flags, ["tensor"])
     hs, sc = _della_scale(stats[0], rescale_norm, float(density), wd)
-    out = torch.empty_like(x)
+    out = empty_like(x)
     cpu_extension().della_merge([x.data_ptr()], 0, out.data_ptr(), dtype_code(x), x.numel(), x.numel(), modes,
                                 [int(hs)], [sc], bits.data_ptr(), [1.0], 1.0, 1.0, False, False, True)
     return out

@@ -1,0 +1,46 @@
+// The sparse CPU kernels' arguments and entry points, in plain std types: the baseline build
+// (sparse_cpu.cpp) and the AVX2 build (sparse_cpu_avx2.cpp) of csrc/cpu/sparse_kernels.h each
+// fill one SparseKernels table; sparse_cpu.cpp binds the table the CPU supports.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace wweight_cpu {
+
+struct SparseIn {
+    std::vector<const void*> xs;   // the K inputs
+    const void* base;              // or null: the inputs are the deltas
+    int64_t n;
+};
+
+struct SparsePlan {
+    int mode;
+    const int64_t* kp;      // (K, 6): key_lo, key_hi, a, b, c, e (wweight/sparse/plan.py)
+    const int64_t* ties;    // (K, 2, nblocks) or null
+    int64_t nblocks;
+    std::vector<float> density;
+    uint64_t seed;
+    uint32_t stream0;
+};
+
+using I64s = std::vector<int64_t>;
+using F32s = std::vector<float>;
+
+struct SparseKernels {
+    const char* isa;
+    void (*digit_hist)(const SparseIn&, int dt, const I64s& qmodel, const I64s& prefix, int shift, int nbits,
+                       int high_shift, bool has_prefix, int64_t* hist);
+    void (*tie_counts)(const SparseIn&, int dt, const I64s& qmodel, const I64s& qkey, int64_t* out);
+    void (*rescale_stats)(const SparseIn&, int dt, const SparsePlan&, int norm, double* out);
+    void (*merge)(const SparseIn&, void* out, const SparsePlan&, int dt, const F32s& weights, const F32s& scales,
+                  float lam, float divisor_nc, bool consensus, bool normalize, bool sparsify_only, bool round16,
+                  int32_t* flags);
+    // exact k-th largest key per query, (Q, 4) rows (key, count_gt, count_eq, resolved) and the
+    // (Q, nblocks) per-block counts of the key; resolved = 0: the caller runs the radix passes
+    void (*select)(const SparseIn&, int dt, const I64s& qmodel, const I64s& ks, int64_t* res, int64_t* ties);
+};
+
+const SparseKernels& sparse_kernels_base();
+const SparseKernels& sparse_kernels_avx2();   // sparse_cpu_avx2.cpp: the same source built with -mavx2
+
+}  // namespace wweight_cpu

@@ -1,0 +1,134 @@
+"""The CPU sparse kernels' one-pass select and their two ISA builds (csrc/cpu/sparse_kernels.h).
+
+* ``select`` (sample bracket + one counting pass) must give what the radix passes give: the
+  same key, count above, count equal and per-block tie counts, or say it could not
+  (``resolved = 0``) -- checked on plain, tie-heavy, all-zero and skewed inputs, where the last
+  two force the fallbacks; and the plans built with and without it must be identical.
+* The baseline and AVX2 builds run the same source: every merge must give the same bits on both.
+"""
+import pytest
+import torch
+
+import wweight
+from wweight._ext import cpu_extension, empty_like
+
+ext = cpu_extension()
+pytestmark = pytest.mark.skipif(ext is None or not hasattr(ext, "sparse_select"),
+                                reason="the C++ CPU extension is not built")
+
+from wweight.backends.cpu import sparse as S  # noqa: E402
+from wweight.sparse import plan as P  # noqa: E402
+
+
+def _inputs(kind, n, dt, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    xs = [base + 0.01 * torch.randn(n, generator=g) for _ in range(K)]
+    if kind == "ties":        # deltas on a coarse grid: big tie groups at every cut
+        xs = [base + torch.round(50 * (x - base)) / 50 for x in xs]
+    elif kind == "zeros":     # model 0 equals the base: every key 0
+        xs[0] = base.clone()
+    elif kind == "skewed":    # sorted magnitudes: a strided sample still brackets, runs are correlated
+        xs = [base + torch.sort((x - base).abs())[0] for x in xs]
+    elif kind == "spike":     # almost all equal, a few large: the bracket is one huge tie group
+        xs = [base + torch.where(torch.rand(n, generator=g) < 0.001, torch.randn(n, generator=g), 0.5e-2) for _ in xs]
+    return base.to(dt), [x.to(dt) for x in xs]
+
+
+def _radix(xs, base, qm, ks, dt):
+    k, g, e = P.radix_select(S, xs, base, torch.tensor(qm), torch.tensor(ks), dt)
+    return k, g, e, S.tie_counts(xs, base, torch.tensor(qm), k)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["plain", "ties", "zeros", "skewed", "spike"])
+@pytest.mark.parametrize("n", [1, 777, 300_001])
+def test_select_matches_radix(dt, kind, n):
+    K = 3
+    base, xs = _inputs(kind, n, dt, K)
+    qm = [0, 1, 2, 2]
+    ks = [max(1, n // 5), max(1, n // 2), max(1, n // 50), n]
+    res, ties = S.select(xs, base, qm, ks)
+    k, g, e, tc = _radix(xs, base, qm, ks, dt)
+    for q in range(len(qm)):
+        if res[q, 3]:
+            assert res[q, :3].tolist() == [int(k[q]), int(g[q]), int(e[q])], (kind, q)
+            assert torch.equal(ties[q], tc[q]), (kind, q)
+
+
+def test_select_resolves_plain_inputs_in_one_pass():
+    base, xs = _inputs("plain", 1 << 20, torch.float32, 4)
+    res, _ = S.select(xs, base, [0, 1, 2, 3], [1 << 18] * 4)
+    assert res[:, 3].tolist() == [1, 1, 1, 1]
+
+
+def test_select_falls_back_on_a_huge_tie_group():
+    # every key of model 0 is 0: the bracket is all n elements, over the candidate cap
+    base, xs = _inputs("zeros", 1 << 20, torch.float32, 2)
+    res, _ = S.select(xs, base, [0, 1], [1 << 18] * 2)
+    assert res[0, 3] == 0 and res[1, 3] == 1
+
+
+class _NoSelect:
+    """The CPU primitives without the one-pass select: build_plan takes the radix passes."""
+
+    def __init__(self):
+        for name in ("digit_hist", "tie_counts", "rescale_stats", "merge", "digits_for"):
+            setattr(self, name, getattr(S, name))
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["plain", "ties", "zeros", "spike"])
+@pytest.mark.parametrize("method", ["magnitude", "magnitude_outliers"])
+def test_plan_same_with_and_without_select(dt, kind, method):
+    base, xs = _inputs(kind, 200_003, dt, 3, seed=1)
+    dens, gam = [0.2, 0.5, 0.9], [0.01, 0.05, 0.0]
+    a = P.build_plan(S, xs, base, method, dens, gam, 0)
+    b = P.build_plan(_NoSelect(), xs, base, method, dens, gam, 0)
+    assert torch.equal(a.kp, b.kp)
+    assert a.has_ties == b.has_ties
+    if a.has_ties:
+        assert torch.equal(a.tie_offsets, b.tie_offsets)
+
+
+def _isas():
+    have = ["baseline"]
+    prev = ext.sparse_use_isa("auto")
+    if ext.sparse_isa() == "avx2":
+        have.append("avx2")
+    ext.sparse_use_isa(prev)
+    return have
+
+
+@pytest.mark.skipif(len(_isas()) < 2, reason="this CPU or build has no AVX2 kernels")
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic", "dare_linear"])
+def test_baseline_and_avx2_builds_give_the_same_bits(dt, method):
+    base, xs = _inputs("ties", 70_001, dt, 3, seed=2)
+    kw = {"gamma": 0.02} if method.startswith("breadcrumbs") else {}
+    outs = {}
+    prev = ext.sparse_use_isa("auto")
+    try:
+        for isa in ("baseline", "avx2"):
+            ext.sparse_use_isa(isa)
+            outs[isa] = (wweight.merge_tensors(method, base, xs, weights=[1.0, -0.5, 0.7], density=0.3, seed=4,
+                                               backend="cpu", **kw),
+                         wweight.sparsify(xs[0] - base, 0.3, "random", rescale_norm="l1", seed=4, backend="cpu"))
+    finally:
+        ext.sparse_use_isa(prev)
+    for a, b in zip(outs["baseline"], outs["avx2"]):
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+
+
+def test_use_isa_rejects_unknown_names():
+    with pytest.raises(ValueError, match="isa"):
+        ext.sparse_use_isa("avx9000")
+
+
+def test_empty_like_large_cpu_output():
+    t = torch.zeros(3 << 20, dtype=torch.float32)       # 12 MB: advised
+    out = empty_like(t)
+    assert out.shape == t.shape and out.dtype == t.dtype and out.data_ptr() != t.data_ptr()
+    out.fill_(1.5)
+    assert bool((out == 1.5).all())
+    assert isinstance(ext.advise_huge_pages(out.data_ptr(), out.nbytes), bool)
