@@ -44,6 +44,25 @@ inline const float* base_tile(const void* p, int64_t i0, int m, float* scratch) 
     return scratch;
 }
 
+// out[i0 .. i0 + m) = v rounded to the dtype (csrc/sparse_elem.h store_f32), in a loop that
+// vectorises for fp32 and bf16 (the bf16 rounding is integer arithmetic)
+template <int DT>
+inline void store_tile(void* out, int64_t i0, int m, const float* v) {
+    if (DT == F32) {
+        float* o = static_cast<float*>(out) + i0;
+        for (int j = 0; j < m; ++j) o[j] = v[j];
+    } else if (DT == BF16) {
+        uint16_t* o = static_cast<uint16_t*>(out) + i0;
+        for (int j = 0; j < m; ++j) {
+            uint32_t u = f32_bits(v[j]);
+            u += 0x7FFFu + ((u >> 16) & 1u);
+            o[j] = uint16_t(u >> 16);
+        }
+    } else {
+        for (int j = 0; j < m; ++j) store_f32<DT>(out, i0 + j, v[j]);
+    }
+}
+
 inline uint32_t nonfinite(float v) { return uint32_t((f32_bits(v) & 0x7F800000u) == 0x7F800000u); }
 
 // d[j] = round(x[j] - b[j]) (x[j] with no base) for the elements i0 .. i0 + m of input x; returns
@@ -119,6 +138,73 @@ inline void uniform_tile(int64_t i0, int m, uint64_t seed, uint32_t s, float* u)
         u[4 * q + 3] = float(c3[q] >> 8) * (1.0f / 16777216.0f);
     }
 }
+
+#if defined(__AVX2__)
+// AVX2 Philox keep mask of elements i0 .. i0 + 32 * (m / 32) (i0 a multiple of 4): 8 counters per
+// vector, the 32x32 -> 64 products from two vpmuludq, then u < dens as the exact integer test
+// (c >> 8) < ceil(dens * 2^24) (u = (c >> 8) * 2^-24 is exact), and a 4x8 transpose back to
+// element order. Returns how many elements it did; the rest go through uniform_tile.
+inline void mulhilo8(__m256i c, __m256i mult, __m256i& hi, __m256i& lo) {
+    const __m256i pe = _mm256_mul_epu32(c, mult), po = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), mult);
+    lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+    hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+}
+
+inline int random_keep_avx2(int64_t i0, int m, uint64_t seed, uint32_t s, float dens, uint32_t* keep) {
+    const double x = std::ceil(double(dens) * 16777216.0);
+    const int32_t thr = x <= 0.0 ? 0 : x >= 16777217.0 ? 16777217 : int32_t(x);
+    const __m256i vthr = _mm256_set1_epi32(thr), one = _mm256_set1_epi32(1);
+    const __m256i m0 = _mm256_set1_epi32(int(0xD2511F53u)), m1 = _mm256_set1_epi32(int(0xCD9E8D57u));
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int j = 0;
+    for (; j + 32 <= m; j += 32) {
+        const uint64_t q0 = uint64_t((i0 + j) >> 2);   // 8 consecutive groups: q0 .. q0 + 7
+        const uint64_t q7 = q0 + 7;
+        __m256i c0, c1;
+        if ((q0 >> 32) == (q7 >> 32)) {
+            c0 = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(q0))), lane);
+            c1 = _mm256_set1_epi32(int(uint32_t(q0 >> 32)));
+        } else {   // the low word wraps inside this vector
+            alignas(32) uint32_t lo8[8], hi8[8];
+            for (int g = 0; g < 8; ++g) {
+                lo8[g] = uint32_t(q0 + uint64_t(g));
+                hi8[g] = uint32_t((q0 + uint64_t(g)) >> 32);
+            }
+            c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo8));
+            c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi8));
+        }
+        __m256i c2 = _mm256_set1_epi32(int(s)), c3 = _mm256_setzero_si256();
+        uint32_t k0 = uint32_t(seed & 0xFFFFFFFFu), k1 = uint32_t(seed >> 32);
+        for (int r = 0; r < 10; ++r) {
+            __m256i hi0, lo0, hi1, lo1;
+            mulhilo8(c0, m0, hi0, lo0);
+            mulhilo8(c2, m1, hi1, lo1);
+            c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(int(k0)));
+            c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(int(k1)));
+            c1 = lo1;
+            c3 = lo0;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        // keep = (c >> 8) < thr, as 0 / 1
+        const __m256i e0 = _mm256_and_si256(_mm256_cmpgt_epi32(vthr, _mm256_srli_epi32(c0, 8)), one);
+        const __m256i e1 = _mm256_and_si256(_mm256_cmpgt_epi32(vthr, _mm256_srli_epi32(c1, 8)), one);
+        const __m256i e2 = _mm256_and_si256(_mm256_cmpgt_epi32(vthr, _mm256_srli_epi32(c2, 8)), one);
+        const __m256i e3 = _mm256_and_si256(_mm256_cmpgt_epi32(vthr, _mm256_srli_epi32(c3, 8)), one);
+        // element 4g + w is word w of group g: transpose (4 words x 8 groups) to element order
+        const __m256i a = _mm256_unpacklo_epi32(e0, e1), b = _mm256_unpackhi_epi32(e0, e1);
+        const __m256i c = _mm256_unpacklo_epi32(e2, e3), d = _mm256_unpackhi_epi32(e2, e3);
+        const __m256i r0 = _mm256_unpacklo_epi64(a, c), r1 = _mm256_unpackhi_epi64(a, c);
+        const __m256i r2 = _mm256_unpacklo_epi64(b, d), r3 = _mm256_unpackhi_epi64(b, d);
+        __m256i* o = reinterpret_cast<__m256i*>(keep + j);
+        _mm256_storeu_si256(o + 0, _mm256_permute2x128_si256(r0, r1, 0x20));
+        _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(r2, r3, 0x20));
+        _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(r0, r1, 0x31));
+        _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(r2, r3, 0x31));
+    }
+    return j;
+}
+#endif
 
 // ------------------------------------------------------------------------------ digit_hist
 // Histogram of digit (key >> shift) & mask of each query's model, over the elements whose high
@@ -265,9 +351,15 @@ struct Masker {
     // that holds a cut key.
     void keep(int64_t t, int64_t i0, int m, const float* d, uint32_t* keep) {
         if (MODE == MODE_RANDOM) {
-            uniform_tile(i0, m, p.seed, p.stream0 + uint32_t(t), u);
             const float dens = p.density[t];
-            for (int j = 0; j < m; ++j) keep[j] = uint32_t(u[j] < dens);
+            int j0 = 0;
+#if defined(__AVX2__)
+            j0 = random_keep_avx2(i0, m, p.seed, p.stream0 + uint32_t(t), dens, keep);
+#endif
+            if (j0 < m) {
+                uniform_tile(i0 + j0, m - j0, p.seed, p.stream0 + uint32_t(t), u);
+                for (int j = j0; j < m; ++j) keep[j] = uint32_t(u[j - j0] < dens);
+            }
             return;
         }
         keys_tile<DT>(d, key, m);
@@ -282,11 +374,30 @@ struct Masker {
             keep[j] = TIES ? in_range : (in_range | (el & kl) | (eh & kh));
         }
         if (TIES && eqs) {
+            // visit only the lanes equal to a cut key, in element order (a 16-bit cut key is a tie
+            // group of ~1% of the elements: most tiles hold a few): 64-lane bit masks, lowest bit first
             const Window w = win[t];
             int64_t rl = r_lo[t], rh = r_hi[t];
-            for (int j = 0; j < m; ++j) {
-                const int64_t k = int64_t(key[j]);
-                if (int32_t(k) == lo || int32_t(k) == hi) {
+            for (int j0 = 0; j0 < m; j0 += 64) {
+                const int mm = std::min(64, m - j0);
+                uint64_t bits = 0;
+                int j = 0;
+#if defined(__AVX2__)
+                const __m256i vl = _mm256_set1_epi32(lo), vh = _mm256_set1_epi32(hi);
+                for (; j + 8 <= mm; j += 8) {
+                    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + j0 + j));
+                    const __m256i e = _mm256_or_si256(_mm256_cmpeq_epi32(k, vl), _mm256_cmpeq_epi32(k, vh));
+                    bits |= uint64_t(uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(e)))) << j;
+                }
+#endif
+                for (; j < mm; ++j) {
+                    const int32_t k = int32_t(key[j0 + j]);
+                    bits |= uint64_t((k == lo) | (k == hi)) << j;
+                }
+                while (bits) {
+                    const int j = j0 + __builtin_ctzll(bits);
+                    bits &= bits - 1;
+                    const int64_t k = int64_t(key[j]);
                     keep[j] = uint32_t(window_keep(w, k, rl, rh));
                     rl += k == w.key_lo;
                     rh += k == w.key_hi;
@@ -667,19 +778,36 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
                     }
                 }
                 if (sparsify_only) {
-                    for (int j = 0; j < m; ++j) store_f32<DT>(out, i0 + j, total[j]);
+                    store_tile<DT>(out, i0, m, total);
                     continue;
                 }
-                for (int j = 0; j < m; ++j) {
-                    MergeAcc acc;
-                    acc.total = total[j];
-                    acc.pos = pos[j];
-                    acc.neg = neg[j];
-                    acc.wpos = wpos[j];
-                    acc.wneg = wneg[j];
-                    store_f32<DT>(out, i0 + j, finish<RD>(acc, has_base ? bt[j] : 0.f, CONSENSUS, normalize,
-                                                          apply_lambda, lam, divisor_nc));
+                // finish (csrc/sparse_elem.h) step by step over the tile, so each step vectorises:
+                // the elected (or plain) sum and divisor, the division, lambda, + base, the store
+                float* mixed = total;
+                float* div = pos;
+                if (CONSENSUS) {
+                    for (int j = 0; j < m; ++j) {
+                        const bool up = total[j] >= 0.f;
+                        const float mx = rnd<RD>(up ? pos[j] : neg[j]);
+                        const float dv = rnd<RD>(up ? wpos[j] : wneg[j]);
+                        mixed[j] = mx;
+                        div[j] = dv == 0.f ? 1.f : dv;
+                    }
+                } else {
+                    for (int j = 0; j < m; ++j) {
+                        mixed[j] = rnd<RD>(total[j]);
+                        div[j] = divisor_nc;
+                    }
                 }
+                if (normalize)
+                    for (int j = 0; j < m; ++j) mixed[j] = rnd<RD>(mixed[j] / div[j]);
+                if (apply_lambda)
+                    for (int j = 0; j < m; ++j) mixed[j] = rnd<RD>(mixed[j] * lam);
+                if (has_base)
+                    for (int j = 0; j < m; ++j) mixed[j] = bt[j] + mixed[j];
+                else
+                    for (int j = 0; j < m; ++j) mixed[j] = 0.f + mixed[j];
+                store_tile<DT>(out, i0, m, mixed);
             }
         }
 #pragma omp critical
