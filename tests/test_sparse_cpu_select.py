@@ -62,11 +62,29 @@ def test_select_resolves_plain_inputs_in_one_pass():
     assert res[:, 3].tolist() == [1, 1, 1, 1]
 
 
-def test_select_falls_back_on_a_huge_tie_group():
-    # every key of model 0 is 0: the bracket is all n elements, over the candidate cap
+def test_select_one_tie_group_is_counted_per_block():
+    # every key of model 0 is 0: a one-key bracket, counted per block (no candidates kept)
     base, xs = _inputs("zeros", 1 << 20, torch.float32, 2)
-    res, _ = S.select(xs, base, [0, 1], [1 << 18] * 2)
-    assert res[0, 3] == 0 and res[1, 3] == 1
+    res, ties = S.select(xs, base, [0, 1], [1 << 18] * 2)
+    assert res[0].tolist() == [0, 0, 1 << 20, 1]
+    assert torch.equal(ties[0], torch.full_like(ties[0], P.BLOCK))
+
+
+def test_select_falls_back_when_the_sample_misses():
+    # the sampled runs (csrc/cpu/sparse_kernels.h: 4096 runs of 8 at evenly spaced starts for n >= 2^20) hold
+    # tiny values, everything else is large: the bracket lies far below the k-th key
+    n, runs = 1 << 20, 4096
+    g = torch.Generator().manual_seed(3)
+    x = 1.0 + torch.rand(n, generator=g)
+    for r in range(runs):
+        i0 = r * (n - 8) // (runs - 1)
+        x[i0:i0 + 8] = 1e-3 * torch.rand(8, generator=g)
+    res, _ = S.select([x], None, [0], [n // 5])
+    assert res[0, 3] == 0
+    # and the plan still gets the exact cut through the radix passes
+    plan = P.build_plan(S, [x], None, "magnitude", [0.2], [0.0], 0)
+    kth = torch.sort(x.abs(), descending=True)[0][n // 5 - 1]
+    assert int(plan.kp[0, 0]) == int(kth.view(torch.int32))
 
 
 class _NoSelect:

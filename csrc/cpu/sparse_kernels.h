@@ -365,15 +365,38 @@ struct Masker {
         keys_tile<DT>(d, key, m);
         const int32_t lo = lo32[t], hi = hi32[t];
         const uint32_t kl = keq_lo[t], kh = keq_hi[t];
-        uint32_t eqs = 0;
+        uint32_t n_lo = 0, n_hi = 0;
         for (int j = 0; j < m; ++j) {
             const int32_t k = int32_t(key[j]);
             const uint32_t el = uint32_t(k == lo), eh = uint32_t(k == hi);
-            eqs |= el | eh;
+            n_lo += el;
+            n_hi += eh;
             const uint32_t in_range = uint32_t(k > lo) & uint32_t(k < hi);
             keep[j] = TIES ? in_range : (in_range | (el & kl) | (eh & kh));
         }
-        if (TIES && eqs) {
+        if (TIES && (n_lo | n_hi)) {
+            // The ranks of a cut key's lanes in this tile are r .. r + count - 1. When that run lies
+            // wholly inside or wholly outside the keep window, every such lane is decided at once
+            // (a 16-bit cut key can be a quarter of all elements: most tiles hold many); only a
+            // tile the window's edge falls into walks its lanes one by one.
+            const Window w = win[t];
+            const int64_t rl = r_lo[t], rh = r_hi[t];
+            const int in_lo = n_lo == 0 ? 0 : (rl >= w.a && rl + n_lo <= w.b) ? 1 : (rl + n_lo <= w.a || rl >= w.b) ? 0 : -1;
+            const int in_hi = n_hi == 0 ? 0 : (rh >= w.c && rh + n_hi <= w.e) ? 1 : (rh + n_hi <= w.c || rh >= w.e) ? 0 : -1;
+            if (in_lo >= 0 && in_hi >= 0) {
+                if (in_lo | in_hi) {
+                    const uint32_t ml = uint32_t(in_lo), mh = uint32_t(in_hi);
+                    for (int j = 0; j < m; ++j) {
+                        const int32_t k = int32_t(key[j]);
+                        keep[j] |= (uint32_t(k == lo) & ml) | (uint32_t(k == hi) & mh);
+                    }
+                }
+                r_lo[t] = rl + n_lo;
+                r_hi[t] = rh + n_hi;
+                return;
+            }
+        }
+        if (TIES && (n_lo | n_hi)) {
             // visit only the lanes equal to a cut key, in element order (a 16-bit cut key is a tie
             // group of ~1% of the elements: most tiles hold a few): 64-lane bit masks, lowest bit first
             const Window w = win[t];
@@ -413,7 +436,7 @@ struct Masker {
 // Exact k-th largest key of every query in (usually) one pass over the inputs, with the per-block
 // tie counts of the found key as a by-product: the same answers as wweight/sparse/plan.py
 // radix_select + tie_counts, which take 2-3 passes and one more for the tie counts.
-//   1. A sample (4096 runs of 8 consecutive elements per model) brackets each query's key:
+//   1. A sample (up to 4096 runs of 8 consecutive elements per model) brackets each query's key:
 //      [k_lo, k_hi] = the sample's keys at ranks k/n * S -/+ (5 sigma + 32).
 //   2. One pass counts, per query, the elements above k_hi (a vectorised compare) and keeps every
 //      element inside the bracket as a candidate (key, block), by branch-free compaction.
@@ -471,7 +494,9 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
     const int64_t M = int64_t(models.size());
     // ---- 1. sample and bracket
     constexpr int RUN = 8;
-    const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(4096, n / RUN));
+    // about 1 element in 32 of a small tensor, at most 4096 runs: the two nth_elements of the
+    // bracket stay well below the pass's time
+    const int64_t runs = std::max<int64_t>(1, std::min<int64_t>({int64_t(4096), n / RUN, std::max<int64_t>(64, n / 256)}));
     std::vector<std::vector<uint32_t>> sample(M);
 #pragma omp parallel for schedule(static)
     for (int64_t mi = 0; mi < M; ++mi) {
@@ -488,6 +513,7 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
     }
     std::vector<uint32_t> klo(Q), khi(Q);
     std::vector<int64_t> cap(Q);
+#pragma omp parallel for schedule(dynamic, 1)
     for (int64_t q = 0; q < Q; ++q) {
         std::vector<uint32_t> sk = sample[slot[q]];
         const int64_t S = int64_t(sk.size());
@@ -504,6 +530,14 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
         cap[q] = std::max<int64_t>(int64_t(1) << 16, int64_t(4.0 * double(r_lo - r_hi + 1) / double(S) * double(n)));
     }
     // ---- 2. the pass: candidates in block order per thread, with a count per block (their blocks)
+    constexpr uint32_t NARROW = 16;
+    std::vector<uint8_t> narrow(Q, 0);
+    std::vector<std::vector<uint32_t>> narrow_counts(Q);
+    for (int64_t q = 0; q < Q; ++q)
+        if (khi[q] != 0xFFFFFFFFu && khi[q] - klo[q] < NARROW) {
+            narrow[q] = 1;
+            narrow_counts[q].assign(size_t(nblocks) * (khi[q] - klo[q] + 1), 0);
+        }
     const int nth = omp_get_max_threads();
     std::vector<std::vector<std::vector<uint32_t>>> cands(nth, std::vector<std::vector<uint32_t>>(Q));
     std::vector<uint32_t> per_block(size_t(Q * nblocks), 0);
@@ -530,6 +564,18 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
                         uint32_t up = 0;
                         for (int j = 0; j < m; ++j) up += uint32_t(key[j] > hi);
                         my_above[q] += up;
+                        if (narrow[q]) {
+                            // a bracket of <= NARROW keys (16-bit dtypes: the cut is one big tie group):
+                            // count each key per block with vector compares, keep no candidates
+                            uint32_t* bc = narrow_counts[q].data() + size_t(blk) * (hi - lo + 1);
+                            for (uint32_t v = 0; v <= hi - lo; ++v) {
+                                uint32_t c = 0;
+                                const uint32_t kv = lo + v;
+                                for (int j = 0; j < m; ++j) c += uint32_t(key[j] == kv);
+                                bc[v] += c;
+                            }
+                            continue;
+                        }
                         if (full[q]) continue;                       // overflowed: the radix passes answer q
                         std::vector<uint32_t>& c = mine[q];
                         if (used[q] + m > int64_t(c.size())) {
@@ -553,6 +599,28 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
     // ---- 3. answer each query: res rows (key, count_gt, count_eq, resolved); queries in parallel
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t q = 0; q < Q; ++q) {
+        if (narrow[q]) {
+            const uint32_t W = khi[q] - klo[q] + 1;
+            const uint32_t* bc = narrow_counts[q].data();
+            std::vector<int64_t> h(W, 0);
+            for (int64_t blk = 0; blk < nblocks; ++blk)
+                for (uint32_t v = 0; v < W; ++v) h[v] += bc[size_t(blk) * W + v];
+            if (above[q] >= ks[q]) continue;         // the k-th lies above the bracket
+            int64_t seen = above[q], v = int64_t(W) - 1;
+            for (; v >= 0; --v) {
+                if (seen + h[size_t(v)] >= ks[q]) break;
+                seen += h[size_t(v)];
+            }
+            if (v < 0) continue;                     // the k-th lies below the bracket
+            int64_t* tq = ties + q * nblocks;
+            for (int64_t blk = 0; blk < nblocks; ++blk) tq[blk] = bc[size_t(blk) * W + size_t(v)];
+            int64_t* r = res + 4 * q;
+            r[0] = klo[q] + uint32_t(v);
+            r[1] = seen;
+            r[2] = h[size_t(v)];
+            r[3] = 1;
+            continue;
+        }
         if (overflow[q]) continue;
         int64_t total = 0;
         for (int th = 0; th < nth; ++th) total += int64_t(cands[th][q].size());
