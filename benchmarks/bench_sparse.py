@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import time
 
 import torch
 
@@ -38,6 +39,30 @@ def mergekit_merge_fn(method, base, tensors, density):
               "weight": {i: 1.0 for i in ids}, "density": {i: density for i in ids},
               "gamma": {i: M.GAMMA.default for i in ids}, "epsilon": {i: M.EPSILON.default for i in ids}}
     return lambda: m.merge_group(group, **params)
+
+
+def first_touch_ms(nbytes: int = 64 << 20, reps: int = 8) -> dict:
+    """Median ms to allocate and first fill a fresh ``nbytes`` CPU buffer, as torch.empty gives it
+    and as wweight's outputs get it (``wweight._ext.empty_like``: transparent huge pages): the page
+    faults every freshly allocated output pays once."""
+    import statistics
+
+    from wweight._ext import empty_like
+    like = torch.empty(nbytes // 4)          # never written: no pages of its own
+    out = {}
+    for name, alloc in (("first_touch_64MB_4k_pages_ms", lambda: torch.empty_like(like)),
+                        ("first_touch_64MB_huge_pages_ms", lambda: empty_like(like))):
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            t = alloc()
+            t.fill_(1.0)
+            ts.append(time.perf_counter() - t0)
+            del t
+        out[name] = round(1e3 * statistics.median(ts), 1)
+    buf = torch.empty_like(like)
+    out["fill_64MB_warm_ms"] = round(1e3 * bench(lambda: buf.fill_(1.0), torch.device("cpu"), warmup=1, iters=5), 1)
+    return out
 
 
 def main(argv=None):
@@ -74,6 +99,9 @@ def main(argv=None):
 
     bw = copy_bandwidth(dev)
     print(f"device: {device_name(dev)}; copy bandwidth {bw:.1f} GB/s; backends {backends}")
+    extra = {"copy_bandwidth_GBps": round(bw, 2)}
+    if dev.type == "cpu":
+        extra.update(first_touch_ms())
     rows = []
     g = torch.Generator(device="cpu").manual_seed(0)
     for dname in dtypes:
@@ -140,7 +168,7 @@ def main(argv=None):
                     torch.cuda.empty_cache()
     cols = ["method", "dtype", "n", "K", "best", "GB/s", "%copy"] + sorted(
         {c for r in rows for c in r if c.endswith("_ms")}) + ["x_reference", "x_mergekit", "x_kthvalue"]
-    md = write_results("sparse", dev, rows, extra={"copy_bandwidth_GBps": round(bw, 2)}, columns=cols,
+    md = write_results("sparse", dev, rows, extra=extra, columns=cols,
                        title="Sparse merges and kth_largest_abs")
     print(md)
     return 0
