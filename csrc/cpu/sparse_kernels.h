@@ -206,6 +206,34 @@ inline int random_keep_avx2(int64_t i0, int m, uint64_t seed, uint32_t s, float 
 }
 #endif
 
+// The distinct models of the queries, and each query's index into them (keys are computed once
+// per model and tile, however many queries share the model).
+inline std::vector<int64_t> distinct_models(const std::vector<int64_t>& qmodel, std::vector<int64_t>& slot) {
+    std::vector<int64_t> models;
+    slot.assign(qmodel.size(), 0);
+    for (size_t q = 0; q < qmodel.size(); ++q) {
+        auto it = std::find(models.begin(), models.end(), qmodel[q]);
+        slot[q] = it - models.begin();
+        if (it == models.end()) models.push_back(qmodel[q]);
+    }
+    return models;
+}
+
+// One block's tiles: f(mi, m, key) with the delta keys of models[mi] for each tile of m elements.
+template <int DT, typename F>
+inline void block_keys(const In& in, const std::vector<int64_t>& models, int64_t blk, float* b, float* d,
+                       uint32_t* key, F&& f) {
+    const int64_t s = blk * BLOCK, e = std::min(in.n, s + BLOCK);
+    for (int64_t i0 = s; i0 < e; i0 += TILE) {
+        const int m = int(std::min<int64_t>(TILE, e - i0));
+        const float* bt = in.base ? base_tile<DT>(in.base, i0, m, b) : nullptr;
+        for (int64_t mi = 0; mi < int64_t(models.size()); ++mi) {
+            model_keys<DT>(in, models[mi], i0, m, bt, d, key);
+            f(mi, m, key);
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------ digit_hist
 // Histogram of digit (key >> shift) & mask of each query's model, over the elements whose high
 // key bits match the query's prefix. Keys are computed once per model and tile, however many
@@ -217,18 +245,14 @@ void digit_hist(const In& in, const std::vector<int64_t>& qmodel, const std::vec
     const int64_t n = in.n, Q = int64_t(qmodel.size()), NB = int64_t(1) << nbits, nblocks = (n + BLOCK - 1) / BLOCK;
     const uint32_t mask = uint32_t(NB - 1);
     // models in use, and for each query its model slot; queries with no prefix on one model share a table
-    std::vector<int64_t> models;
-    std::vector<int64_t> slot(Q), table(Q);
+    std::vector<int64_t> slot, table(Q);
+    const std::vector<int64_t> models = distinct_models(qmodel, slot);
     for (int64_t q = 0; q < Q; ++q) {
-        auto it = std::find(models.begin(), models.end(), qmodel[q]);
-        slot[q] = it - models.begin();
-        if (it == models.end()) models.push_back(qmodel[q]);
         table[q] = q;
         if (!has_prefix)
             for (int64_t r = 0; r < q; ++r)
                 if (qmodel[r] == qmodel[q]) { table[q] = table[r]; break; }
     }
-    const int64_t M = int64_t(models.size());
     constexpr int64_t FLUSH = int64_t(1) << 30;   // elements per thread between uint32 flushes
 #pragma omp parallel
     {
@@ -245,11 +269,7 @@ void digit_hist(const In& in, const std::vector<int64_t>& qmodel, const std::vec
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
             const int64_t s = blk * BLOCK, e = std::min(n, s + BLOCK);
-            for (int64_t i0 = s; i0 < e; i0 += TILE) {
-                const int m = int(std::min<int64_t>(TILE, e - i0));
-                const float* bt = in.base ? base_tile<DT>(in.base, i0, m, b) : nullptr;
-                for (int64_t mi = 0; mi < M; ++mi) {
-                    model_keys<DT>(in, models[mi], i0, m, bt, d, key);
+            block_keys<DT>(in, models, blk, b, d, key, [&](int64_t mi, int m, const uint32_t* key) {
                     for (int64_t q = 0; q < Q; ++q) {
                         if (slot[q] != mi || table[q] != q) continue;
                         uint32_t* h = local.data() + q * NB;
@@ -261,8 +281,7 @@ void digit_hist(const In& in, const std::vector<int64_t>& qmodel, const std::vec
                             for (int j = 0; j < m; ++j) h[(key[j] >> shift) & mask]++;
                         }
                     }
-                }
-            }
+            });
             since += e - s;
             if (since >= FLUSH) flush();
         }
@@ -484,13 +503,8 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
     const int64_t n = in.n, Q = int64_t(qmodel.size()), nblocks = (n + BLOCK - 1) / BLOCK;
     for (int64_t q = 0; q < Q; ++q) res[4 * q + 3] = 0;
     if (n == 0 || nblocks >= (int64_t(1) << 32)) return;
-    std::vector<int64_t> models;
-    std::vector<int64_t> slot(Q);
-    for (int64_t q = 0; q < Q; ++q) {
-        auto it = std::find(models.begin(), models.end(), qmodel[q]);
-        slot[q] = it - models.begin();
-        if (it == models.end()) models.push_back(qmodel[q]);
-    }
+    std::vector<int64_t> slot;
+    const std::vector<int64_t> models = distinct_models(qmodel, slot);
     const int64_t M = int64_t(models.size());
     // ---- 1. sample and bracket
     constexpr int RUN = 8;
@@ -552,12 +566,7 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
         alignas(64) uint32_t key[TILE];
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
-            const int64_t s = blk * BLOCK, e = std::min(n, s + BLOCK);
-            for (int64_t i0 = s; i0 < e; i0 += TILE) {
-                const int m = int(std::min<int64_t>(TILE, e - i0));
-                const float* bt = in.base ? base_tile<DT>(in.base, i0, m, b) : nullptr;
-                for (int64_t mi = 0; mi < M; ++mi) {
-                    model_keys<DT>(in, models[mi], i0, m, bt, d, key);
+            block_keys<DT>(in, models, blk, b, d, key, [&](int64_t mi, int m, const uint32_t* key) {
                     for (int64_t q = 0; q < Q; ++q) {
                         if (slot[q] != mi) continue;
                         const uint32_t lo = klo[q], hi = khi[q];
@@ -586,8 +595,7 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
                         used[q] += nc;
                         per_block[size_t(q * nblocks + blk)] += uint32_t(nc);
                     }
-                }
-            }
+            });
         }
         for (int64_t q = 0; q < Q; ++q) mine[q].resize(size_t(used[q]));
 #pragma omp critical
