@@ -71,7 +71,7 @@ def test_select_one_tie_group_is_counted_per_block():
 
 
 def test_select_falls_back_when_the_sample_misses():
-    # the sampled runs (csrc/cpu/sparse_kernels.h: 4096 runs of 8 at evenly spaced starts for n >= 2^20) hold
+    # the sampled runs (csrc/cpu/sparse_select.h: 4096 runs of 8 at evenly spaced starts for n >= 2^20) hold
     # tiny values, everything else is large: the bracket lies far below the k-th key
     n, runs = 1 << 20, 4096
     g = torch.Generator().manual_seed(3)

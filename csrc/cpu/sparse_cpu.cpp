@@ -92,7 +92,7 @@ void digit_hist(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, st
 }
 
 void select_keys(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, std::vector<int64_t> qmodel,
-            std::vector<int64_t> ks, uintptr_t res, uintptr_t ties) {
+                 std::vector<int64_t> ks, uintptr_t res, uintptr_t ties) {
     SparseIn in = make_in(xs, base, n);
     py::gil_scoped_release nogil;
     kernels().select(in, dt, qmodel, ks, reinterpret_cast<int64_t*>(res), reinterpret_cast<int64_t*>(ties));

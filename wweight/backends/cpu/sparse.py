@@ -32,7 +32,7 @@ def digit_hist(xs, base, qmodel, prefix, shift, nbits, high_shift, has_prefix):
 
 def select(xs, base, qmodel, ks):
     """Exact k-th largest key of every query and its per-block tie counts, usually in one pass
-    (``csrc/cpu/sparse_kernels.h`` select_keys; the plan's optional fast path, see
+    (``csrc/cpu/sparse_select.h`` select_keys; the plan's optional fast path, see
     wweight/sparse/plan.py build_plan). Returns ``(res, ties)``: (Q, 4) int64 rows
     (key, count_gt, count_eq, resolved) and (Q, nblocks) int64; a row with resolved = 0 is left to
     the radix passes."""
