@@ -103,3 +103,22 @@ def test_readme_quantize_section_says_how_to_use_the_output():
     text = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
     sec = text[text.index("## Whole checkpoints"):text.index("## Benchmarks")]
     assert "--block-size 64|row|tensor" in sec and "load_quantized" in sec and "wweight dequantize Q_DIR" in sec
+
+
+def test_merge_command_is_recognised_for_its_openmp_policy(monkeypatch):
+    """``wweight merge`` (console script or ``python -m wweight``) gets OpenMP's passive wait policy
+    (wweight/_startup.py); other commands and library use do not."""
+    import sys
+
+    from wweight import _startup
+
+    cases = [(["python", "-m", "wweight", "merge", "c.yaml", "out"], ["-m"], True),
+             (["python", "-m", "wweight", "quantize", "m", "out"], ["-m"], False),
+             (["python", "/venv/bin/wweight", "merge", "c.yaml", "out"], ["/venv/bin/wweight", "merge", "c.yaml"], True),
+             (["python", "/venv/bin/wweight", "align", "a", "b"], ["/venv/bin/wweight", "align"], False),
+             (["python", "script.py", "merge"], ["script.py", "merge"], False),
+             (["python", "-m", "pytest", "merge"], ["-m"], False)]
+    for orig, argv, want in cases:
+        monkeypatch.setattr(sys, "orig_argv", orig, raising=False)
+        monkeypatch.setattr(sys, "argv", argv)
+        assert _startup._merge_command() is want, orig

@@ -13,6 +13,7 @@ Backends: ``wweight.use_backend("cuda"|"triton"|"cpu"|"torch"|"reference")`` or 
 Merge methods: the registry :mod:`wweight.methods`. Re-exports only: the code lives in the family
 packages (``sparse/``, ``iso/``, ``permute/``, ``quant/``), ``merge.py`` and ``checkpoint/``.
 """
+from . import _startup  # noqa: F401 - first: it sets an OpenMP policy before torch loads
 from ._dispatch import use_backend, strict, BACKENDS
 from .sparse import sparsify, kth_largest_abs, key_seed
 from .merge import merge_tensors, merge_state_dicts, MERGE_METHODS

@@ -248,3 +248,56 @@ def resolve(
             raise RuntimeError(f"{op}: the C++ CPU extension is not built ({cpu_extension_error()})")
         return "cpu"
     return want  # "torch" or "reference": run anywhere
+
+
+def _plain_eager(args) -> bool:
+    """True when nothing but eager kernels can see this call: no ``torch.compile`` / export
+    tracing, no ``__torch_dispatch__`` or ``__torch_function__`` mode (FakeTensorMode, make_fx,
+    a test's sync counter), no functorch transform, every tensor a plain CPU / CUDA
+    ``torch.Tensor`` with no gradient to track."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor) and (
+                    type(t) is not torch.Tensor or t.device.type not in ("cpu", "cuda")
+                    or (grad and t.requires_grad) or torch._C._functorch.is_functorch_wrapped_tensor(t)):
+                return False
+    return True
+
+
+def run_op(op, *args):
+    """Call the ``torch.library`` custom op ``op`` with ``args``; in plain eager mode
+    (:func:`_plain_eager`) call its function directly. The two run the same code on the same
+    tensors; the direct call skips the dispatcher round trip, and in particular the first call of
+    a custom op in a process, which imports ``torch._dynamo`` (about 2.5 s on the 2-core CI
+    machine: a quarter of a 125M-parameter checkpoint merge, and every ``wweight merge`` run
+    paid it). Under tracing, fake tensors, modes or gradients the op itself runs (its fake kernel,
+    its schema checks)."""
+    fn = getattr(op, "_init_fn", None)   # torch.library.custom_op keeps the decorated function there
+    if fn is not None and _plain_eager(args):
+        return fn(*args)
+    return op(*args)
+
+
+_NAMED_OPS: Dict[str, object] = {}
+
+
+def register_op(name: str, op) -> None:
+    """Record custom op ``op`` under ``name`` (``"wweight::..."``) for :func:`named_op`: a module that
+    must not import the op's module (an import cycle) still reaches its function."""
+    _NAMED_OPS[name] = op
+
+
+def named_op(name: str):
+    """The custom op registered as ``name`` (:func:`register_op`), else torch's registry entry."""
+    op = _NAMED_OPS.get(name)
+    if op is None:
+        ns, short = name.split("::")
+        op = getattr(getattr(torch.ops, ns), short)
+    return op

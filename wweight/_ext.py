@@ -165,16 +165,39 @@ def device_tensor(values, dtype: torch.dtype, device) -> torch.Tensor:
 HUGE_PAGE_MIN_BYTES = 8 << 20
 
 
+def host_buffer(nbytes: int) -> torch.Tensor:
+    """A flat ``uint8`` CPU buffer of ``nbytes`` (contents undefined): recycled from the checkpoint
+    engine's pool when one is active (:mod:`wweight._pool`), else fresh, with a large one advised to
+    use transparent huge pages before its first write (see :func:`empty_like`)."""
+    from . import _pool
+
+    buf = _pool.take(nbytes)
+    if buf is not None:
+        return buf
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes >= HUGE_PAGE_MIN_BYTES:
+        ext = cpu_extension()
+        if ext is not None and hasattr(ext, "advise_huge_pages"):
+            ext.advise_huge_pages(buf.data_ptr(), nbytes)
+    return buf
+
+
+def host_tensor(nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """A contiguous CPU tensor of ``shape`` / ``dtype`` (``nbytes`` bytes) on a :func:`host_buffer`.
+    It is set on the buffer's storage, not a view of it: no ``_base`` keeps a second tensor on the
+    memory, so the engine's pool can tell when nothing holds it any more."""
+    buf = host_buffer(nbytes)
+    return torch.empty(0, dtype=dtype).set_(buf.untyped_storage(), 0, tuple(shape))
+
+
 def empty_like(t: torch.Tensor) -> torch.Tensor:
     """``torch.empty_like(t)`` for a kernel's output; on CPU (Linux, the C++ extension built) a large
     buffer is advised to use transparent huge pages before its first write. Every fresh output is
     first touched by the kernel that fills it, and on a 4 KB page that costs a page fault per page:
     about 30 ms for 64 MB on the 2-core CI VM against 8 ms with 2 MB pages
     (``benchmarks/results/sparse_cpu.md``). Only the 2 MB-aligned inside of the buffer is advised,
-    so no other allocation's pages change."""
-    out = torch.empty_like(t)
-    if out.device.type == "cpu" and out.nbytes >= HUGE_PAGE_MIN_BYTES:
-        ext = cpu_extension()
-        if ext is not None and hasattr(ext, "advise_huge_pages"):
-            ext.advise_huge_pages(out.data_ptr(), out.nbytes)
-    return out
+    so no other allocation's pages change. Inside a checkpoint merge (:mod:`wweight._pool`) a
+    contiguous CPU output reuses a buffer of an earlier work item instead."""
+    if t.device.type == "cpu" and t.is_contiguous() and t.nbytes:
+        return host_tensor(t.nbytes, t.dtype, t.shape)
+    return torch.empty_like(t)

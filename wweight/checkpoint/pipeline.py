@@ -35,6 +35,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 
 from .. import _hub as hub
+from .. import _pool
 from .. import methods as M
 from ..config import MergeConfig
 from ..sparse import key_seed
@@ -225,6 +226,9 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
     if not cuda:
         return_freed_memory()
     ledger = Ledger(plan.memory_budget, serial=plan.largest > plan.memory_budget)
+    # CPU: buffers recycled between items (wweight/_pool.py): no fresh pages to fault in and zero for
+    # every read and every output; at most two of the largest items' worth kept, within the bound
+    pool = None if cuda else _pool.BufferPool(min(plan.bound, 2 * plan.largest))
 
     # The models' tensors of one item are read concurrently (pread releases the GIL): one thread
     # per input model, at most 4 - NVMe drives need several requests in flight to reach full speed.
@@ -250,14 +254,18 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
             data.clear()
             return outs, None
         cd = plan.compute_dtype
+        reads = []   # read buffers the merge uses as they are (no dtype cast): back to the pool after it
         moved = []
         for k, ts in zip(it.keys, data):
             row = []
             for i in range(len(ts)):
                 row.append(ts[i].to(dev, non_blocking=True).to(cd[k]))
+                if pool is not None and row[-1] is ts[i]:
+                    reads.append(ts[i])
                 if not cuda:
                     ts[i] = None   # the read buffer goes when its copy exists (CUDA: until the copy ran)
             moved.append(row)
+        row = ts = None   # only ``moved`` (and ``reads``) hold the tensors now
         data.clear()
         if it.kind == "merge":
             k = it.keys[0]
@@ -273,6 +281,8 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
                 outs[k] = res[k]
             del res
         moved.clear()
+        if pool is not None:   # the read buffers nothing else holds go back to the pool
+            pool.give(reads)
         for k in list(outs):
             o = outs.pop(k)
             o = o.to(plan.out_dtype[k])
@@ -295,6 +305,8 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
         n = 0
         for k in it.keys:
             n += writer.write(k, outs[k])
+        if pool is not None:   # the written outputs nothing else holds go back to the pool
+            pool.give([outs.pop(k) for k in list(outs)])
         outs.clear()   # the output is freed here, before the ledger releases it
         return n
 
@@ -316,10 +328,14 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
     done_tensors = 0
     n_tensors = sum(len(i.keys) for i in items)
 
-    def fill(pool):
-        while pending and ledger.admit(pending[0].cost):
+    def fill(rd_pool):
+        while pending:
+            if pool is not None:   # the pool's buffers are resident: they count against the bound
+                pool.trim(plan.bound - ledger.used - pending[0].cost)
+            if not ledger.admit(pending[0].cost):
+                break
             nxt = pending.popleft()
-            loads.append((nxt, pool.submit(load, nxt)))
+            loads.append((nxt, rd_pool.submit(load, nxt)))
 
     def retire(block: bool):
         """Account the finished writes (all of the oldest one's when ``block``); their bytes go back."""
@@ -337,7 +353,7 @@ def _pipeline(plan: MergePlan, items: List[WorkItem], writer: ShardedWriter, sta
                 bar.set_postfix_str(f"{done_tensors}/{n_tensors} tensors, {done_tensors / el:.1f}/s", refresh=False)
 
     with ThreadPoolExecutor(1, thread_name_prefix="wweight-read") as rd, \
-            ThreadPoolExecutor(1, thread_name_prefix="wweight-write") as wr:
+            ThreadPoolExecutor(1, thread_name_prefix="wweight-write") as wr, _pool.active(pool):
         try:
             fill(rd)
             while loads or writes:

@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from .. import _hub as hub
+from .._ext import host_tensor
 from .format import INDEX_NAME, SINGLE_NAME, CheckpointError, TensorInfo, inside, read_header
 
 def _pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
@@ -161,14 +162,20 @@ class Checkpoint(TensorSource):
         return fd
 
     def read(self, key: str, *, pin: bool = False) -> torch.Tensor:
-        """One tensor as a new CPU tensor (page-locked when ``pin``), read with ``pread``."""
+        """One tensor as a new CPU tensor (page-locked when ``pin``), read with ``pread``; nobody else
+        holds its memory (a pooled buffer comes back only when unreferenced, :mod:`wweight._pool`)."""
         info = self.tensors.get(key)
         if info is None:
             raise CheckpointError(f"{self.what} {self.path}: no tensor {key!r}")
-        buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
+        if pin:
+            buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=True)
+            out = buf.view(info.dtype).reshape(info.shape)
+        else:   # a recycled buffer of the engine's pool, else a fresh one on huge pages (wweight/_pool.py)
+            out = host_tensor(info.nbytes, info.dtype, info.shape)
+            buf = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage(), 0, (info.nbytes,))
         if info.nbytes:
             _pread_into(self._fd(info.file), memoryview(buf.numpy()), info.start, info.file)
-        return buf.view(info.dtype).reshape(info.shape)
+        return out
 
     def close(self) -> None:
         for fd in self._fds.values():

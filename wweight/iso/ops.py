@@ -154,7 +154,7 @@ def _merge_groups(method, base, finetuned, names, alpha, f, compute_dtype, memor
         b = base[k].to(dev, non_blocking=True)
         fts = [ft[k].to(dev, non_blocking=True) for ft in finetuned]
         tvb = "triton" if be == "triton" else "torch"
-        each, total, bad = _iso_task_vectors(b, fts, compute_dtype, want_each, want_sum, tvb)
+        each, total, bad = _dispatch.run_op(_iso_task_vectors, b, fts, compute_dtype, want_each, want_sum, tvb)
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0, 0])
             raise ValueError(f"{names(k, i)} - {names(k, None)} (task vector {i} of key {k!r}) contains NaN or Inf")
@@ -199,7 +199,7 @@ def _merge_groups(method, base, finetuned, names, alpha, f, compute_dtype, memor
                 stack[j] = total.unsqueeze(0) if method == "iso_c" else each
                 bases.append(b)
                 del each, total
-            merged = _iso_merge_batch(stack, method, f, rank_rtol)
+            merged = _dispatch.run_op(_iso_merge_batch, stack, method, f, rank_rtol)
             del stack
             for j, k in enumerate(chunk):
                 res = bases[j].to(compute_dtype) + alpha * merged[j]

@@ -263,7 +263,7 @@ def linear_sum_assignment(cost_matrix, maximize=False, *, backend: Optional[str]
     batched = cost.dim() == 3
     c3 = cost if batched else cost.unsqueeze(0)
     check_values(c3, maximize, batched)
-    r, c, status = _lap_op(c3.contiguous(), maximize, want, method)
+    r, c, status = _dispatch.run_op(_lap_op, c3.contiguous(), maximize, want, method)
     infeasible_error(status, batched)
     if not batched:
         r, c = r[0], c[0]

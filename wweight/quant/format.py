@@ -22,6 +22,8 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
+from .. import _dispatch
+
 FORMAT_VERSION = "1"
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                 torch.float64: "float64"}
@@ -190,13 +192,13 @@ class QuantizedTensor:
         """Dense tensor of ``shape`` / ``dtype`` on ``device``; outliers come back bit-exact.
 
         Runs the ``wweight::quant_dequantize`` op (registered by :mod:`wweight.quant.ops`, which
-        imports this module; the container reaches the op through torch's registry, not an import).
+        imports this module; the container reaches the op by its name, not an import).
         """
         if self.numel() == 0:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        return torch.ops.wweight.quant_dequantize(self.codes, self.scale, self.zero, self.outlier_idx,
-                                                  self.outlier_val, list(self.shape), self.dtype, self.bits,
-                                                  self.block_size, backend)
+        op = _dispatch.named_op("wweight::quant_dequantize")
+        return _dispatch.run_op(op, self.codes, self.scale, self.zero, self.outlier_idx, self.outlier_val,
+                                list(self.shape), self.dtype, self.bits, self.block_size, backend)
 
     def __repr__(self) -> str:
         return (f"QuantizedTensor(shape={tuple(self.shape)}, dtype={self.dtype}, bits={self.bits}, "

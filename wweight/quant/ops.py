@@ -98,6 +98,9 @@ def _(codes, scale, zero, outlier_idx, outlier_val, shape, dtype, bits, block_si
     return codes.new_empty(shape, dtype=dtype)
 
 
+_dispatch.register_op("wweight::quant_dequantize", _dequantize_op)   # QuantizedTensor.dequantize's
+
+
 # --------------------------------------------------------------------------------------------
 # Public API
 
@@ -182,7 +185,8 @@ def quantize(weight: torch.Tensor, bits: int = 4, block_size: Union[int, str, No
         lo, hi = torch.aminmax(x)
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             _validate.tensor("weight", weight, finite=True)
-    codes, scale, zero, idx = _quantize_op(x, mask, thr, bits, bs, symmetric, clip_v, sd, backend)
+    codes, scale, zero, idx = _dispatch.run_op(_quantize_op, x, mask, thr, bits, bs, symmetric, clip_v, sd,
+                                               backend)
     val = x[idx]
 
     def finite() -> bool:
@@ -195,13 +199,15 @@ def quantize(weight: torch.Tensor, bits: int = 4, block_size: Union[int, str, No
         if scale_dtype is not None and scale_dtype != torch.float32:
             raise ValueError(f"scale_dtype {scale_dtype} cannot represent this weight's block statistics; "
                              "use torch.float32")
-        codes, scale, zero, idx = _quantize_op(x, mask, thr, bits, bs, symmetric, clip_v, torch.float32, backend)
+        codes, scale, zero, idx = _dispatch.run_op(_quantize_op, x, mask, thr, bits, bs, symmetric, clip_v,
+                                                   torch.float32, backend)
         val = x[idx]
         if not finite():
             raise ValueError("weight: a block's value range overflows float32")
     if scale.dtype == torch.float16 and bool((scale < FP16_TINY).any()):
         # zero or subnormal float16 scales: constant blocks, or tiny weights whose scale underflowed
-        c2, s2, z2, i2 = _quantize_op(x, mask, thr, bits, bs, symmetric, clip_v, torch.float32, backend)
+        c2, s2, z2, i2 = _dispatch.run_op(_quantize_op, x, mask, thr, bits, bs, symmetric, clip_v, torch.float32,
+                                          backend)
         if fp16_loses(s2):
             if scale_dtype is not None:
                 raise ValueError(f"scale_dtype {scale_dtype} cannot represent this weight's block scales "
@@ -298,8 +304,8 @@ def dequant_matmul(x: torch.Tensor, q: QuantizedTensor, bias: Optional[torch.Ten
     if x.device != q.device:
         raise ValueError(f"x is on {x.device}, expected {q.device} (the device of q)")
     x2 = x.reshape(-1, k_in)
-    y = _dq_matmul_op(x2, q.codes, q.scale, q.zero, q.outlier_idx, q.outlier_val, n_out, k_in, q.dtype, q.bits,
-                      q.block_size, backend)
+    y = _dispatch.run_op(_dq_matmul_op, x2, q.codes, q.scale, q.zero, q.outlier_idx, q.outlier_val, n_out, k_in,
+                         q.dtype, q.bits, q.block_size, backend)
     if bias is not None:
         _validate.tensor("bias", bias)
         if bias.shape != (n_out,):

@@ -134,8 +134,8 @@ def merge_tensors(method: M.MergeMethod, base: Optional[torch.Tensor], tensors: 
     seed = _seed_for(method, seed)
     ts = [t.contiguous() for t in tensors]
     b = base.contiguous() if base is not None else None
-    return _merge_op(method.name, b, ts, weights, dens, gam, eps, lambda_, normalize, rescale, seed,
-                     _dispatch.requested(backend))
+    return _dispatch.run_op(_merge_op, method.name, b, ts, weights, dens, gam, eps, lambda_, normalize, rescale, seed,
+                            _dispatch.requested(backend))
 
 
 def _seed_for(method: M.MergeMethod, seed: Optional[int]) -> int:

@@ -117,7 +117,7 @@ def kth_largest_abs(x: torch.Tensor, k: int, *, backend: Optional[str] = None) -
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 1 <= k <= x.numel():
         raise ValueError(f"k must be in [1, x.numel()={x.numel()}], got {k}")
-    return _kth_largest_abs_op(x.contiguous(), k, _dispatch.requested(backend))
+    return _dispatch.run_op(_kth_largest_abs_op, x.contiguous(), k, _dispatch.requested(backend))
 
 
 # ------------------------------------------------------------------------------ sparsify
@@ -199,5 +199,5 @@ def sparsify(tensor: torch.Tensor, density: float, method: str = "magnitude", ga
     seed = resolve_seed(seed)
     if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2 ** 32:
         raise ValueError(f"stream must be an int in [0, 2**32), got {stream!r}")
-    return _sparsify_op(tensor.contiguous(), density, method, gamma, epsilon, rescale_norm or "", seed, stream,
-                        _dispatch.requested(backend))
+    return _dispatch.run_op(_sparsify_op, tensor.contiguous(), density, method, gamma, epsilon, rescale_norm or "",
+                            seed, stream, _dispatch.requested(backend))
