@@ -3,6 +3,7 @@
 Families: sparse, della, methods, iso, permute, lap (the CPU LAP solvers alone), quant, checkpoint, fusion_bench.
 Each writes ``benchmarks/results/<family>_<device>.json`` and ``.md`` (see benchmarks/common.py).
 ``sparse-bits`` compares the CPU sparse kernels' output bits with a record (benchmarks/sparse_bits.py).
+``sparse-roofline`` times the fused sparse merges pass by pass against the memory floor (CPU).
 ``gpu-check`` validates a GPU end to end (benchmarks/gpu_check.py); without one it prints its plan.
 """
 import importlib
@@ -19,6 +20,7 @@ FAMILIES = {
     "checkpoint": "benchmarks.bench_checkpoint",
     "fusion_bench": "benchmarks.bench_fusion_bench",   # the FusionBench adapter vs FusionBench's algorithms
     "sparse-bits": "benchmarks.sparse_bits",   # not a family: the CPU sparse kernels' output bits vs the record
+    "sparse-roofline": "benchmarks.sparse_roofline",   # the fused sparse merges pass by pass vs the memory floor
     "gpu-check": "benchmarks.gpu_check",  # not a family: validates a GPU (build, every kernel, sanitizer, smoke bench)
 }
 
