@@ -50,42 +50,41 @@ def test_dispatch_mode_sees_the_op_and_the_same_numbers():
         assert torch.equal(eager, traced), name
 
 
+class _OpSpy:
+    """Records the qualified name of every ``torch.library`` custom op called while active."""
+
+    def __enter__(self):
+        self.seen = []
+        self.real = real = torch._library.custom_ops.CustomOpDef.__call__
+        seen = self.seen
+
+        def spy(op, *a, **k):
+            seen.append(op._qualname)
+            return real(op, *a, **k)
+
+        torch._library.custom_ops.CustomOpDef.__call__ = spy
+        return self
+
+    def __exit__(self, *exc):
+        torch._library.custom_ops.CustomOpDef.__call__ = self.real
+
+
 def test_eager_calls_skip_the_dispatcher():
     """In plain eager mode no ``wweight`` op reaches the dispatcher (a mode would see it)."""
-    seen = []
-    real = torch._library.custom_ops.CustomOpDef.__call__
-
-    def spy(self, *a, **k):
-        seen.append(self._qualname)
-        return real(self, *a, **k)
-
-    torch._library.custom_ops.CustomOpDef.__call__ = spy
-    try:
+    with _OpSpy() as spy:
         for call in _calls().values():
             call()
-    finally:
-        torch._library.custom_ops.CustomOpDef.__call__ = real
-    assert seen == []
+    assert spy.seen == []
 
 
 def test_gradients_go_through_the_op():
     x = torch.randn(50, requires_grad=True)
-    seen = []
-    real = torch._library.custom_ops.CustomOpDef.__call__
-
-    def spy(self, *a, **k):
-        seen.append(self._qualname)
-        return real(self, *a, **k)
-
-    torch._library.custom_ops.CustomOpDef.__call__ = spy
-    try:
+    with _OpSpy() as spy:
         try:
             wweight.kth_largest_abs(x, 5)
         except Exception:   # noqa: BLE001 - what the op does with a gradient is torch's business here
             pass
-    finally:
-        torch._library.custom_ops.CustomOpDef.__call__ = real
-    assert seen == ["wweight::kth_largest_abs"]
+    assert spy.seen == ["wweight::kth_largest_abs"]
 
 
 def test_a_merge_process_never_imports_dynamo(tmp_path):
