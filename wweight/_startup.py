@@ -17,9 +17,11 @@ def _merge_command() -> bool:
 
 # ``wweight merge`` runs its kernels (OpenMP) beside its reader / writer threads on the same cores.
 # OpenMP's default wait policy spins idle workers for a while after every parallel region, and
-# there the spinning took the cores the reads needed: 21% of the CPU samples of a 125M-parameter
-# merge on 2 cores were libgomp spin-waits; with passive waiting the merge ran 1.3-1.5x faster
-# (benchmarks/results/checkpoint_cpu.md). The policy is read when OpenMP starts (when torch loads),
-# so it is set here, for the merge command only, and only if the user has not set it.
+# there the spinning took the cores the reads needed: in a perf profile (not committed) 21% of the CPU
+# samples of a 125M-parameter merge on 2 cores were libgomp spin-waits. In
+# benchmarks/results/checkpoint_cpu.md, set up this way (wweight_s) against the library call with the
+# default policy (wweight_inproc_s): linear 0.51 vs 0.79 s, TIES 1.17 vs 1.35 s, but DARE-TIES 1.82
+# vs 1.70 s (slower). The policy is read when OpenMP starts (when torch loads), so it is set here,
+# for the merge command only, and only if the user has not set it.
 if _merge_command() and "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
