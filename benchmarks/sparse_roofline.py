@@ -17,8 +17,6 @@ Results: ``benchmarks/results/sparse_roofline_cpu.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -27,19 +25,15 @@ from wweight import methods as M
 from wweight.sparse import fused
 from wweight.sparse.ops import primitives
 
-from .common import copy_bandwidth, write_results
+from .common import bench, copy_bandwidth, write_results
 
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_CPU = torch.device("cpu")
 
 
 def _median_s(fn, iters):
-    fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    """Median seconds of ``fn()`` after one warm-up call (the shared ``benchmarks.common.bench``)."""
+    return bench(fn, _CPU, warmup=1, iters=iters)
 
 
 def read_bandwidth(nbytes: int = 256 << 20, iters: int = 10) -> float:
