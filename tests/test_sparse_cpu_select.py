@@ -5,6 +5,9 @@
   (``resolved = 0``) -- checked on plain, tie-heavy, all-zero and skewed inputs, where the last
   two force the fallbacks; and the plans built with and without it must be identical.
 * The baseline and AVX2 builds run the same source: every merge must give the same bits on both.
+* Random masks: the statistics pass keeps the Philox masks it draws as bits (``MaskPlan.keep_bits``)
+  for the merge; they must be the torch Philox stream's masks, and a merge from them must give the
+  bits of a merge that draws them itself.
 """
 import pytest
 import torch
@@ -150,3 +153,71 @@ def test_empty_like_large_cpu_output():
     out.fill_(1.5)
     assert bool((out == 1.5).all())
     assert isinstance(ext.advise_huge_pages(out.data_ptr(), out.nbytes), bool)
+
+
+def _unpack(bits, n):
+    shifts = torch.arange(32, dtype=torch.int64)
+    return ((bits.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(bits.shape[0], -1)[:, :n].bool()
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+@pytest.mark.parametrize("n", [1, 33, 777, 300_001])
+def test_random_keep_bits_are_the_philox_masks(isa, n):
+    # the statistics pass keeps the masks it draws (MaskPlan.keep_bits): element i of model t is
+    # kept where the torch Philox stream stream0 + t gives u_i < density
+    from wweight.reference.philox import philox_uniform
+    if isa not in _isas():
+        pytest.skip("this CPU or build has no AVX2 kernels")
+    base, xs = _inputs("plain", n, torch.float32, 3)
+    dens = [0.2, 0.5, 0.9]
+    plan = P.build_plan(S, xs, base, "random", dens, [0.0] * 3, seed=7, stream0=2)
+    prev = ext.sparse_use_isa(isa)
+    try:
+        S.rescale_stats(xs, base, plan, "l1")
+    finally:
+        ext.sparse_use_isa(prev)
+    assert plan.keep_bits is not None and tuple(plan.keep_bits.shape) == (3, (n + 31) // 32)
+    got = _unpack(plan.keep_bits, n)
+    for t in range(3):
+        assert torch.equal(got[t], philox_uniform(n, 7, 2 + t) < dens[t]), t
+    tail = n % 32   # the last word's unused high bits are 0
+    if tail:
+        assert int(plan.keep_bits[:, -1].to(torch.int64).bitwise_right_shift(tail).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_from_keep_bits_equals_merge_drawing_them(dt):
+    # the merge reads the statistics pass's masks; with them dropped it draws its own: same bits,
+    # and both equal the reference merge
+    base, xs = _inputs("plain", 70_001, dt, 3, seed=3)
+    dens, w = [0.3, 0.6, 0.9], torch.tensor([1.0, -0.5, 0.7], dtype=dt).float()   # weights as merge_tensors rounds them
+    plan = P.build_plan(S, xs, base, "random", dens, [0.0] * 3, seed=5)
+    scales = P.rescale_factors(S, xs, base, plan, "l1", dens, dt, P.work_dtype(dt, "random"))
+    assert plan.keep_bits is not None
+    outs = []
+    for bits in (plan.keep_bits, None):
+        plan.keep_bits = bits
+        out = torch.empty_like(base)
+        assert not S.merge(xs, base, out, plan, w, scales, 1.0, 1.2, True, False).any()
+        outs.append(out)
+    assert torch.equal(outs[0].view(-1).view(torch.uint8), outs[1].view(-1).view(torch.uint8))
+    # the reference's float32 rescale factors can differ in their last bit (tests/test_sparse.py)
+    ref = wweight.merge_tensors("dare_ties", base, xs, weights=w.tolist(), density=dens, seed=5,
+                                backend="reference")
+    torch.testing.assert_close(outs[0].float(), ref.float(), rtol=1e-2 if dt != torch.float32 else 1e-5,
+                               atol=1e-6)
+
+
+def test_keep_bits_are_read_and_only_of_their_shape():
+    base, xs = _inputs("plain", 5000, torch.float32, 2, seed=4)
+    plan = P.build_plan(S, xs, base, "random", [0.4, 0.4], [0.0] * 2, seed=1)
+    scales = P.rescale_factors(S, xs, base, plan, "l1", [0.4, 0.4], torch.float32, torch.float32)
+    good = torch.empty_like(base)
+    S.merge(xs, base, good, plan, torch.ones(2), scales, 1.0, 2.0, True, False)
+    plan.keep_bits = torch.zeros((2, 3), dtype=torch.int32)   # stale: would drop every element if read
+    out = torch.empty_like(base)
+    S.merge(xs, base, out, plan, torch.ones(2), scales, 1.0, 2.0, True, False)
+    assert torch.equal(out, good)
+    plan.keep_bits = torch.zeros((2, (5000 + 31) // 32), dtype=torch.int32)   # read: every delta dropped
+    S.merge(xs, base, out, plan, torch.ones(2), scales, 1.0, 2.0, True, False)
+    assert torch.equal(out, base) and not torch.equal(good, base)

@@ -21,6 +21,11 @@ struct SparsePlan {
     std::vector<float> density;
     uint64_t seed;
     uint32_t stream0;
+    // MODE_RANDOM: (K, words) keep bits (element i of model t = bit i & 31 of word t * words + i / 32)
+    // or null. rescale_stats writes the masks it draws there and merge reads them back, so a DARE
+    // merge draws its Philox masks once, not once per pass (the draw is most of either pass).
+    uint32_t* keep_bits;
+    int64_t words;
 };
 
 using I64s = std::vector<int64_t>;

@@ -78,10 +78,12 @@ SparseIn make_in(const std::vector<uintptr_t>& xs, uintptr_t base, int64_t n) {
 }
 
 SparsePlan make_plan(int mode, uintptr_t kp, uintptr_t ties, int64_t n, std::vector<float> density, uint64_t seed,
-                     uint32_t stream0) {
+                     uint32_t stream0, uintptr_t keep_bits) {
     const int64_t nblocks = (n + ww_base::sparse_cpu::BLOCK - 1) / ww_base::sparse_cpu::BLOCK;
     return SparsePlan{mode, reinterpret_cast<const int64_t*>(kp), reinterpret_cast<const int64_t*>(ties), nblocks,
-                      std::move(density), seed, stream0};
+                      std::move(density), seed, stream0,
+                      mode == ww_base::wweight::elem::MODE_RANDOM ? reinterpret_cast<uint32_t*>(keep_bits) : nullptr,
+                      (n + 31) / 32};
 }
 
 void digit_hist(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, std::vector<int64_t> qmodel,
@@ -107,9 +109,9 @@ void tie_counts(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, st
 
 void rescale_stats(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n, int mode, uintptr_t kp,
                    uintptr_t ties, std::vector<float> density, uint64_t seed, uint32_t stream0, int norm,
-                   uintptr_t out) {
+                   uintptr_t out, uintptr_t keep_bits) {
     SparseIn in = make_in(xs, base, n);
-    SparsePlan p = make_plan(mode, kp, ties, n, density, seed, stream0);
+    SparsePlan p = make_plan(mode, kp, ties, n, density, seed, stream0, keep_bits);
     py::gil_scoped_release nogil;
     kernels().rescale_stats(in, dt, p, norm, reinterpret_cast<double*>(out));
 }
@@ -117,9 +119,9 @@ void rescale_stats(std::vector<uintptr_t> xs, uintptr_t base, int dt, int64_t n,
 void merge(std::vector<uintptr_t> xs, uintptr_t base, uintptr_t out, int dt, int64_t n, int mode, uintptr_t kp,
            uintptr_t ties, std::vector<float> density, uint64_t seed, uint32_t stream0, std::vector<float> weights,
            std::vector<float> scales, float lam, float divisor_nc, bool consensus, bool normalize,
-           bool sparsify_only, bool round16, uintptr_t flags) {
+           bool sparsify_only, bool round16, uintptr_t flags, uintptr_t keep_bits) {
     SparseIn in = make_in(xs, base, n);
-    SparsePlan p = make_plan(mode, kp, ties, n, density, seed, stream0);
+    SparsePlan p = make_plan(mode, kp, ties, n, density, seed, stream0, keep_bits);
     py::gil_scoped_release nogil;
     kernels().merge(in, reinterpret_cast<void*>(out), p, dt, weights, scales, lam, divisor_nc, consensus, normalize,
                     sparsify_only, round16, reinterpret_cast<int32_t*>(flags));
@@ -142,8 +144,9 @@ void register_sparse_cpu(py::module_& m) {
     m.def("sparse_digit_hist", &digit_hist);
     m.def("sparse_select", &select_keys);
     m.def("sparse_tie_counts", &tie_counts);
-    m.def("sparse_rescale_stats", &rescale_stats);
-    m.def("sparse_merge", &merge);
+    m.def("sparse_rescale_stats", &rescale_stats,
+          "DARE / DARE-TIES statistics; keep_bits != 0 (random mode): also write the drawn keep masks there");
+    m.def("sparse_merge", &merge, "the fused merge; keep_bits != 0 (random mode): masks from rescale_stats");
     m.def("philox_uniform", &philox_uniform);
     m.def("sparse_isa", [] { return std::string(kernels().isa); },
           "which build of the sparse kernels runs: 'avx2' or 'baseline'");

@@ -60,6 +60,8 @@ void rescale_stats_impl(const In& in, const Plan& p, int norm, double* o) {
                         delta_tile<DT>(in.xs[t], i0, bt, m, d);
                         if (MODE == MODE_NONE) for (int j = 0; j < m; ++j) keep[j] = 1u;
                         else mk.keep(t, i0, m, d, keep);
+                        if (MODE == MODE_RANDOM && p.keep_bits)   // for the merge (SparsePlan::keep_bits)
+                            pack_bits(keep, m, p.keep_bits + t * p.words + (i0 >> 5));
                         for (int j = 0; j < m; ++j) {
                             const float v = std::fabs(d[j]);
                             const float x = norm == 2 ? v * v : v;
@@ -160,7 +162,10 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
                     bad[t] |= int32_t(delta_tile<DT>(in.xs[t], i0, bt, m, d));
                     if (MODE != MODE_NONE) {
                         // (keep ? d : +0) * scale, rounded: the masked delta as mergekit forms it
-                        mk.keep(t, i0, m, d, keep);
+                        if (MODE == MODE_RANDOM && p.keep_bits)   // the masks rescale_stats drew
+                            unpack_bits(p.keep_bits + t * p.words + (i0 >> 5), m, keep);
+                        else
+                            mk.keep(t, i0, m, d, keep);
                         const float st = sc[t];
                         for (int j = 0; j < m; ++j) d[j] = rnd<RD>(bits_f32(f32_bits(d[j]) & (0u - keep[j])) * st);
                     }

@@ -197,6 +197,41 @@ inline int random_keep_avx2(int64_t i0, int m, uint64_t seed, uint32_t s, float 
 }
 #endif
 
+// keep[0 .. m) (each 0 or 1) as bits: element j is bit j & 31 of w[j / 32]; a last partial word's
+// high bits are 0. The masks of a tile (i0 a multiple of TILE, so of 32) start at word i0 / 32.
+inline void pack_bits(const uint32_t* keep, int m, uint32_t* w) {
+    int b = 0;
+#if defined(__AVX2__)
+    for (; 32 * b + 32 <= m; ++b) {   // 8 lanes per movemask: bit 31 of keep << 31 is the lane's bit
+        const __m256i* k = reinterpret_cast<const __m256i*>(keep + 32 * b);
+        uint32_t v = 0;
+        for (int q = 0; q < 4; ++q)
+            v |= uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(k + q), 31))))
+                 << (8 * q);
+        w[b] = v;
+    }
+#endif
+    for (; 32 * b < m; ++b) {
+        const int e = std::min(32, m - 32 * b);
+        uint32_t v = 0;
+        for (int l = 0; l < e; ++l) v |= keep[32 * b + l] << l;
+        w[b] = v;
+    }
+}
+
+// The inverse of pack_bits: keep[j] = bit j of the words, for j < m.
+inline void unpack_bits(const uint32_t* w, int m, uint32_t* keep) {
+    for (int b = 0; 32 * b < m; ++b) {
+        const uint32_t v = w[b];
+        const int e = std::min(32, m - 32 * b);
+        uint32_t* k = keep + 32 * b;
+        if (e == 32)
+            for (int l = 0; l < 32; ++l) k[l] = (v >> l) & 1u;   // a variable shift per lane (vpsrlvd)
+        else
+            for (int l = 0; l < e; ++l) k[l] = (v >> l) & 1u;
+    }
+}
+
 // The distinct models of the queries, and each query's index into them (keys are computed once
 // per model and tile, however many queries share the model).
 inline std::vector<int64_t> distinct_models(const std::vector<int64_t>& qmodel, std::vector<int64_t>& slot) {

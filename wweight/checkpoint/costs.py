@@ -36,7 +36,8 @@ def item_cost(method: str, kind: str, shapes: List[Tuple[int, ...]], in_dtype: t
     Counted from the code that runs (measured in tests/test_memory_budget.py):
     reads ``n_in N s_in``; the cast to the compute dtype ``n_in N s_c`` (when it differs); the
     per-tensor methods' fused pass (backends cpu / cuda / triton) allocates only its output ``N s_c``
-    plus per-block tie counts (8 bytes per model per 1024 elements); the torch backend's chunked
+    plus per-block tie counts (8 bytes per model per 1024 elements) and, for random masks, one keep
+    bit per element and model; the torch backend's chunked
     primitives up to ``16 (K + 2)`` bytes per element of one 4M-element chunk; the reference
     (float64, ``backend="reference"``, DELLA off the cpu backend) up to ``24 (K + 2) N``; DELLA's fused
     C++ pass its output, ``K N / 8`` bytes of keep bits and per-thread row scratch; the iso methods
@@ -73,6 +74,8 @@ def item_cost(method: str, kind: str, shapes: List[Tuple[int, ...]], in_dtype: t
                    and compute_dtype in (torch.float32, torch.float16, torch.bfloat16))
     if fused:
         work = N * s_c + 8 * (K + 1) * (N // 1024 + 1)
+        if M.get(method).sparsification == "random":   # the CPU pass's keep bits (MaskPlan.keep_bits)
+            work += 4 * K * ((N + 31) // 32)
     elif della_fused:
         row = max(shapes[0][1] if len(shapes[0]) > 1 else N, 1)
         work = N * s_c + K * N // 8 + 16 * K * (N // 4096 + 1) + 64 * 24 * row

@@ -100,6 +100,9 @@ class MaskPlan:
     seed_lo: int = 0
     seed_hi: int = 0
     stream0: int = 0            # model t draws Philox stream stream0 + t
+    # random mode, CPU backend: (K, ceil(n / 32)) int32 keep masks that its statistics pass drew, which
+    # its merge then reads instead of drawing them again (wweight/backends/cpu/sparse.py); else None
+    keep_bits: Optional[torch.Tensor] = None
 
     @property
     def seed(self) -> int:

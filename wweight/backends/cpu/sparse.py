@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..._ext import cpu_extension, dtype_code, empty_like, ptr, ptrs
-from ...sparse.plan import BLOCK, NORM_CODES, first, round16 as _round16
+from ...sparse.plan import BLOCK, MODE_RANDOM, NORM_CODES, first, round16 as _round16
 
 
 def _args(xs, base):
@@ -51,10 +51,20 @@ def tie_counts(xs, base, qmodel, qkey):
     return out
 
 
+def _bits_shape(xs, base):
+    return (len(xs), (first(xs, base).numel() + 31) // 32)
+
+
 def rescale_stats(xs, base, plan, norm):
+    """Random mode: the pass also keeps the Philox masks it draws, one bit per element and model
+    (``plan.keep_bits``, K n / 8 bytes), for ``merge`` to read: the draw is most of either pass."""
     out = torch.zeros((len(xs), 2), dtype=torch.float64)
+    bits = 0
+    if plan.mode == MODE_RANDOM:
+        plan.keep_bits = torch.empty(_bits_shape(xs, base), dtype=torch.int32)
+        bits = plan.keep_bits.data_ptr()
     cpu_extension().sparse_rescale_stats(*_args(xs, base), *plan.raw_args(plan.density.tolist()),
-                                         NORM_CODES[norm], out.data_ptr())
+                                         NORM_CODES[norm], out.data_ptr(), bits)
     return out
 
 
@@ -62,10 +72,14 @@ def merge(xs, base, out, plan, weights, scales, lam, divisor_nc, consensus, norm
           round16=None):
     ref = first(xs, base)
     flags = torch.zeros(len(xs) + 1, dtype=torch.int32)
+    kb = plan.keep_bits
+    # the masks rescale_stats drew for these inputs' shape, or 0: the merge draws them itself
+    bits = kb.data_ptr() if (plan.mode == MODE_RANDOM and kb is not None and kb.device.type == "cpu"
+                             and tuple(kb.shape) == _bits_shape(xs, base)) else 0
     cpu_extension().sparse_merge(ptrs(xs), ptr(base), out.data_ptr(), dtype_code(ref), ref.numel(),
                                  *plan.raw_args(plan.density.tolist()), weights.tolist(), scales.tolist(), float(lam),
                                  float(divisor_nc), bool(consensus), bool(normalize), bool(sparsify_only),
-                                 _round16(ref.dtype, round16), flags.data_ptr())
+                                 _round16(ref.dtype, round16), flags.data_ptr(), bits)
     return flags
 
 
