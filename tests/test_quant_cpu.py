@@ -209,3 +209,42 @@ def test_cuda_selftests_pass_on_the_cpu_backend():
 
     for op, fn in CUQ.SELFTESTS.items():
         assert fn(torch.device("cpu"), prims=CQ), op
+
+
+def _plain_outliers(x, thr, mask):
+    """The definition: sorted flat indices where float32 |x| >= thr (thr = inf: no threshold) or mask."""
+    hit = x.float().abs() >= thr if math.isfinite(thr) else torch.zeros(x.numel(), dtype=torch.bool)
+    if mask is not None:
+        hit = hit | mask
+    return torch.arange(x.numel(), dtype=torch.int64)[hit]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 65536 + 7, 300_001])
+def test_outlier_indices_kernel_matches_the_definition(dt, n):
+    from wweight.quant.outliers import outlier_indices
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g) * 4).round().div(4).to(dt)   # a grid: big tie groups at every threshold
+    if n > 70:
+        x[3], x[70], x[-1] = float("nan"), float("inf"), -float("inf")
+    mask = torch.rand(n, generator=g) < 0.01
+    a = x.float().abs()
+    finite = a[torch.isfinite(a)]
+    thrs = [INF, 0.0, 1e-30]
+    if finite.numel():
+        thrs += [float(finite.max()), float(finite.median()), float(torch.nextafter(finite.max(), torch.tensor(0.0)))]
+    for thr in thrs:
+        for m in (None, mask):
+            got = CQ.outliers(x, thr, m)
+            want = _plain_outliers(x, thr, m)
+            assert got.dtype == torch.int64 and torch.equal(got, want), (thr, m is not None)
+            assert torch.equal(got, outlier_indices(x, thr, m))   # the torch path the kernel replaces
+
+
+def test_outlier_indices_kernel_runs_multithreaded():
+    # more than one OpenMP chunk per thread, the chunks' offsets in order
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1 << 21, generator=g)
+    thr = float(x.abs().kthvalue(x.numel() - 5000).values)
+    got = CQ.outliers(x, thr, None)
+    assert got.numel() >= 5000 and torch.equal(got, _plain_outliers(x, thr, None))

@@ -418,6 +418,75 @@ void quant_dequantize(uintptr_t packed, uintptr_t scale, uintptr_t zero, uintptr
     dispatch_dt(dtype, [&](auto dt) { dequantize_impl<decltype(dt)::value>(p, s, z, o, n, bs, bits); });
 }
 
+// ------------------------------------------------------------------------------ outlier indices
+// The sorted flat indices of the elements held out of the quantization: float32 |x[i]| >= thr (a
+// finite thr) or mask[i] != 0 (wweight/quant/outliers.py outlier_indices; for 16-bit x the same set as its
+// compare in the weight's own dtype). Two passes over x replace torch's abs, compare and nonzero
+// (four passes, one of them the slow serial nonzero): per chunk of kOutChunk elements a count,
+// then, at each chunk's offset in the output, its indices in element order. Both passes test
+// 64-element groups with a loop the compiler vectorises; the second only walks a group's lanes
+// one by one where the group holds an outlier (0.1-1 % of elements: most groups hold none).
+constexpr int64_t kOutChunk = 1 << 16;
+constexpr int kOutGroup = 64;
+
+template <int DT>
+inline int outlier_group(const void* x, const uint8_t* m, float thr, int64_t a, int len, float* fbuf, uint8_t* f) {
+    const float* v = as_f32<DT>(x, a, len, fbuf);
+    int c = 0;
+    if (m != nullptr) {
+        for (int i = 0; i < len; ++i) {
+            f[i] = uint8_t((std::fabs(v[i]) >= thr) | (m[a + i] != 0));
+            c += f[i];
+        }
+    } else {
+        for (int i = 0; i < len; ++i) {
+            f[i] = uint8_t(std::fabs(v[i]) >= thr);
+            c += f[i];
+        }
+    }
+    return c;
+}
+
+template <int DT>
+void outlier_pass(const void* x, const uint8_t* m, float thr, int64_t n, int64_t* counts, int64_t* out) {
+    const int64_t nc = (n + kOutChunk - 1) / kOutChunk;
+#pragma omp parallel if (n > kSerial)
+    {
+        alignas(64) float fbuf[kOutGroup];
+        alignas(64) uint8_t f[kOutGroup];
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < nc; ++c) {
+            const int64_t e0 = c * kOutChunk, e1 = std::min(n, e0 + kOutChunk);
+            int64_t k = out != nullptr ? counts[c] : 0;   // write pass: the chunk's exclusive offset
+            for (int64_t a = e0; a < e1; a += kOutGroup) {
+                const int len = int(std::min<int64_t>(kOutGroup, e1 - a));
+                const int g = outlier_group<DT>(x, m, thr, a, len, fbuf, f);
+                if (out == nullptr || g == 0) {
+                    k += g;
+                    continue;
+                }
+                for (int i = 0; i < len; ++i)
+                    if (f[i]) out[k++] = a + i;
+            }
+            if (out == nullptr) counts[c] = k;
+        }
+    }
+}
+
+// counts: (ceil(n / 65536),) int64. out == 0: write each chunk's count there; else counts hold the
+// exclusive prefix sums of those counts and out (their total) receives the indices.
+void quant_outliers(uintptr_t x, int dtype, uintptr_t mask, double thr, int64_t n, uintptr_t counts, uintptr_t out) {
+    if (n <= 0) return;
+    // no finite threshold: only the mask counts (outlier_indices); |v| >= NaN is false for every v
+    const float t = std::isfinite(thr) ? (float)thr : std::numeric_limits<float>::quiet_NaN();
+    const void* xp = reinterpret_cast<const void*>(x);
+    const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask);
+    int64_t* cp = reinterpret_cast<int64_t*>(counts);
+    int64_t* op = reinterpret_cast<int64_t*>(out);
+    py::gil_scoped_release nogil;
+    dispatch_dt(dtype, [&](auto dt) { outlier_pass<decltype(dt)::value>(xp, mp, t, n, cp, op); });
+}
+
 }  // namespace
 
 void register_quant_cpu(py::module_& m) {
@@ -426,6 +495,10 @@ void register_quant_cpu(py::module_& m) {
           py::arg("x"), py::arg("dtype"), py::arg("mask"), py::arg("thr"), py::arg("bits"), py::arg("bs"),
           py::arg("sym"), py::arg("clip"), py::arg("scale"), py::arg("zero"), py::arg("scale_dtype"),
           py::arg("out"), py::arg("n"));
+    m.def("quant_outliers", &quant_outliers,
+          "flat indices of float32 |x| >= thr or mask: per-chunk counts (out = 0), then the indices",
+          py::arg("x"), py::arg("dtype"), py::arg("mask"), py::arg("thr"), py::arg("n"), py::arg("counts"),
+          py::arg("out"));
     m.def("quant_dequantize", &quant_dequantize, "packed codes + float32 scale / zero -> values of dtype",
           py::arg("packed"), py::arg("scale"), py::arg("zero"), py::arg("out"), py::arg("dtype"), py::arg("n"),
           py::arg("bs"), py::arg("bits"));

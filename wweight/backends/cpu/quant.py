@@ -54,7 +54,32 @@ def quantize(x: torch.Tensor, mask: Optional[torch.Tensor], thr: float, bits: in
                                    int(bits), int(bs), bool(symmetric), float(clip) if clip is not None else -1.0,
                                    ptr(scale), ptr(zero), DTYPE_CODES[scale_dtype], ptr(codes), n)
     stats["quantize"] += 1
-    return codes, scale, zero, outlier_indices(x, thr, mask)
+    return codes, scale, zero, outliers(x, thr, mask)
+
+
+_OUT_CHUNK = 1 << 16   # == csrc/cpu/quant_cpu.cpp kOutChunk
+
+
+def outliers(x: torch.Tensor, thr: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`wweight.quant.outliers.outlier_indices` (sorted int64 flat indices of float32
+    ``|x| >= thr`` or ``mask``) in two C++ passes over ``x``: per-chunk counts, then the indices at
+    each chunk's offset (torch's abs, compare and serial nonzero took four, e.g. 42 ms of a 76 ms
+    4-bit quantize of a 4096^2 float32 weight with 0.1 % outliers)."""
+    if (not math.isfinite(thr) and mask is None) or not available() or x.dtype not in _DTYPES \
+            or not hasattr(cpu_extension(), "quant_outliers"):
+        return outlier_indices(x, thr, mask)
+    n = x.numel()
+    m = mask.contiguous().view(torch.uint8) if mask is not None else None
+    t = float(thr) if math.isfinite(thr) else math.inf
+    counts = torch.empty(max(1, -(-n // _OUT_CHUNK)), dtype=torch.int64)
+    ext = cpu_extension()
+    ext.quant_outliers(ptr(x), dtype_code(x), ptr(m), t, n, counts.data_ptr(), 0)
+    total = int(counts.sum()) if n else 0
+    out = torch.empty(total, dtype=torch.int64)
+    if total:
+        offs = torch.cumsum(counts, 0) - counts
+        ext.quant_outliers(ptr(x), dtype_code(x), ptr(m), t, n, offs.data_ptr(), out.data_ptr())
+    return out
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], n: int,
