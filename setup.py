@@ -181,6 +181,11 @@ class BuildExt(build_ext):
 cuda_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
 cuda_sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
 cpu_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+# every header (and the *_avx2.cpp files, built apart): an edit to any of them rebuilds the extension;
+# without them setuptools sees the .so newer than the .cpp files and keeps a stale build
+cpu_depends = sorted(os.path.relpath(p, ROOT) for pat in ("*.h", "*.cuh", os.path.join("cpu", "*.h"),
+                                                          os.path.join("cpu", "*.cpp"))
+                     for p in glob.glob(os.path.join(ROOT, "csrc", pat)))
 
 setup(
     name="wweight",
@@ -191,7 +196,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["wweight", "wweight.*"]),
     package_data={"wweight": ["data/*.json", "data/*.yaml"]},
-    ext_modules=[CpuExtension("wweight._cpu", sources=cpu_sources)]
+    ext_modules=[CpuExtension("wweight._cpu", sources=cpu_sources, depends=cpu_depends)]
     + ([NvccExtension("wweight._cuda", sources=cuda_sources)] if cuda_sources else []),
     cmdclass={"build_ext": BuildExt},
     install_requires=[
