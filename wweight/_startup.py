@@ -18,10 +18,11 @@ def _merge_command() -> bool:
 # ``wweight merge`` runs its kernels (OpenMP) beside its reader / writer threads on the same cores.
 # OpenMP's default wait policy spins idle workers for a while after every parallel region, and
 # there the spinning took the cores the reads needed: in a perf profile (not committed) 21% of the CPU
-# samples of a 125M-parameter merge on 2 cores were libgomp spin-waits. In
-# benchmarks/results/checkpoint_cpu.md, set up this way (wweight_s) against the library call with the
-# default policy (wweight_inproc_s): linear 0.51 vs 0.79 s, TIES 1.17 vs 1.35 s, but DARE-TIES 1.82
-# vs 1.70 s (slower). The policy is read when OpenMP starts (when torch loads), so it is set here,
-# for the merge command only, and only if the user has not set it.
+# samples of a 125M-parameter merge on 2 cores were libgomp spin-waits. Measured with and without it
+# (the same run_merge script, fresh processes alternating, best of 4, two rounds, 2026-12-02; not a
+# results file): linear 0.38-0.51 s vs 0.53-0.58 s, TIES and DARE-TIES the same within the VM's noise.
+# (benchmarks/results/checkpoint_cpu.md's wweight_s / wweight_inproc_s differ in more than the policy:
+# a child process against the benchmark's own.) The policy is read when OpenMP starts (when torch
+# loads), so it is set here, for the merge command only, and only if the user has not set it.
 if _merge_command() and "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
