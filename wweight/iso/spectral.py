@@ -14,7 +14,7 @@ import torch
 
 from ..methods import ISO_METHODS
 from ..reference.iso import iso_cts_split
-from . import _threads
+from . import _lapack, _threads
 
 _LINALG = torch.float64  # Gram matrices, eigendecompositions and the products that use them
 
@@ -38,11 +38,13 @@ def _eigh_desc(g: torch.Tensor, top: Optional[int] = None) -> Tuple[torch.Tensor
         flat = g.reshape(-1, r, r).numpy()
         lam_all = torch.empty(flat.shape[0], k, dtype=g.dtype)
         vec_all = torch.empty(flat.shape[0], r, k, dtype=g.dtype)
+        nogil = _lapack.available()   # the same routines without the GIL: keys' eighs overlap
         for i, gi in enumerate(flat):   # written in place: no stacked copy of the eigenvectors
             if k < r:
-                lam, vec = sl.eigh(gi, subset_by_index=[r - k, r - 1], driver="evr", check_finite=False)
+                lam, vec = (_lapack.syevr_top(gi, k) if nogil else
+                            sl.eigh(gi, subset_by_index=[r - k, r - 1], driver="evr", check_finite=False))
             else:
-                lam, vec = sl.eigh(gi, driver="evd", check_finite=False)
+                lam, vec = _lapack.syevd(gi) if nogil else sl.eigh(gi, driver="evd", check_finite=False)
             lam_all[i].numpy()[:] = lam[::-1]
             vec_all[i].numpy()[:] = vec[:, ::-1]
             del vec
