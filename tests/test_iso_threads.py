@@ -82,3 +82,40 @@ def test_worker_error_propagates():
 
     with pytest.raises(ValueError, match="method"):
         spectral.merge_batch(torch.zeros(2, 2, 4, 4), "nope", 0.8, 1e-5)
+
+
+def test_run_keys_order_and_first_error():
+    # jobs run longest first with 2 workers; every job runs once; of several failures the one
+    # first in the jobs list is raised, and jobs after a failure are not all started
+    from wweight.iso import _threads
+
+    ran, done = [], []
+
+    def ok(i):
+        return lambda: ran.append(i)
+
+    _threads.run_keys([ok(i) for i in range(6)], [1, 5, 2, 6, 3, 4], 2, done.append)
+    assert sorted(ran) == list(range(6)) and sum(done) == 6
+    ran.clear()
+    _threads.run_keys([ok(i) for i in range(4)], [1, 5, 2, 6], 1)
+    assert ran == [0, 1, 2, 3]   # one worker: the given order
+
+    def bad(i):
+        def run():
+            raise RuntimeError(f"job {i}")
+        return run
+
+    jobs = [ok(0), bad(1), ok(2), bad(3)]
+    for workers in (1, 2):
+        with pytest.raises(RuntimeError, match="job 1"):
+            _threads.run_keys(jobs, [1, 1, 1, 1], workers)
+
+
+def test_model_with_many_shapes_names_bad_key():
+    # the CPU pool merges keys of all shapes together; a NaN in one key is still reported by name
+    base, fts = task_set(T=3)
+    fts[2]["wide"] = fts[2]["wide"].clone()
+    fts[2]["wide"][3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"finetuned\[2\]\['wide'\]"):
+        iso.iso_merge_state_dicts("tsv_m", base, fts)
+    assert torch.isfinite(fts[2]["wide"][0]).all()   # inputs untouched

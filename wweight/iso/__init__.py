@@ -28,9 +28,11 @@ How it is fast (``backend="torch"`` / ``"triton"``; ``"reference"`` runs the per
   ``m x m`` Gram matrix), so each task's SVD is that of an ``(m - k) x n`` matrix (~0.2 m rows);
 * the orthogonal (polar) factors ``U V^T`` are ``A W`` with ``W = V Sigma^{-1} V^T`` from the
   same Gram eigendecomposition (no second SVD);
-* on CPU each key runs in one thread with torch, MKL and SciPy's OpenBLAS at one thread, keys
-  side by side (:mod:`._threads`): SciPy's and torch's thread pools no longer spin against each
-  other, and a key's result does not depend on the thread count or the batch size;
+* on CPU each key runs in one thread with torch, MKL and SciPy's OpenBLAS at one thread, and the
+  2-D keys of all shapes run side by side as one pool, the most expensive first (:mod:`._threads`):
+  SciPy's and torch's thread pools no longer spin against each other, and a key's result does not
+  depend on the thread count or the batch size; the eigensolves call LAPACK without the GIL
+  (:mod:`._lapack`), so they overlap too;
 * Iso-CTS with ``m <= n``: ``polar([U_perp X, U_k]) = [U_perp polar(X), U_k]`` (the blocks are
   orthogonal), an ``(r-k) x (r-k)`` eigendecomposition instead of ``r x r``;
 * the task vectors and their sum are built by one fused Triton kernel per fine-tuned tensor on

@@ -16,7 +16,7 @@ from .. import _validate as V
 from ..methods import CSF, ISO_METHODS
 from ..reference import iso as _ref
 from ..reference.iso import RANK_RTOL
-from . import spectral
+from . import _threads, spectral
 
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 
@@ -160,6 +160,8 @@ def _merge_groups(method, base, finetuned, names, alpha, f, compute_dtype, memor
             raise ValueError(f"{names(k, i)} - {names(k, None)} (task vector {i} of key {k!r}) contains NaN or Inf")
         return b, each, total
 
+    cpu_keys: List[Tuple[str, int, int]] = []   # 2-D CPU keys, merged together after the loop
+    cpu_bs = 1 << 62
     for gkey, keys in groups.items():
         dev = torch.device(gkey[1])
         be = _dispatch.resolve("iso_merge", dev, backend, family="iso", has_cuda=False, has_triton=True)
@@ -189,6 +191,11 @@ def _merge_groups(method, base, finetuned, names, alpha, f, compute_dtype, memor
             cbytes = torch.empty((), dtype=compute_dtype).element_size()
             fixed = batch_bytes(method, 0, T, m, n, cbytes)
             bs = max(1, (budget - fixed) // max(1, batch_bytes(method, 1, T, m, n, cbytes) - fixed))
+        if dev.type == "cpu" and be != "triton":
+            # CPU: every key of every shape is one job of one pool (below), at most bs at a time
+            cpu_keys.extend((k, m, n) for k in keys)
+            cpu_bs = min(cpu_bs, bs)
+            continue
         for start in range(0, len(keys), bs):
             chunk = keys[start:start + bs]
             tt = 1 if method == "iso_c" else T
@@ -206,6 +213,33 @@ def _merge_groups(method, base, finetuned, names, alpha, f, compute_dtype, memor
                 out[k] = res.to(base[k].dtype).to(base[k].device)
             del merged, bases
             done(len(chunk))
+    if cpu_keys:
+        _merge_cpu_keys(method, base, alpha, f, compute_dtype, rank_rtol, T, out, cpu_keys, cpu_bs,
+                        task_vectors, done)
+
+
+def _merge_cpu_keys(method, base, alpha, f, compute_dtype, rank_rtol, T, out, keys, max_at_once,
+                    task_vectors, done):
+    """The 2-D CPU keys of all shapes as one pool of single-threaded jobs (:func:`._threads.run_keys`):
+    ``torch.get_num_threads()`` keys at a time (at most ``max_at_once``, the smallest batch the
+    memory budget allows), the most expensive first. Each key runs exactly the code of a
+    one-key batch, so the results are those of any batch size or thread count."""
+    dev = torch.device("cpu")
+    tt = 1 if method == "iso_c" else T
+
+    def job(k):
+        def run():
+            b, each, total = task_vectors(k, dev, "torch", method != "iso_c", method == "iso_c")
+            stack = (total.unsqueeze(0) if method == "iso_c" else each).unsqueeze(0)   # (1, tt, m, n), no copy
+            del each, total
+            merged = _dispatch.run_op(_iso_merge_batch, stack, method, f, rank_rtol)
+            del stack
+            out[k] = (b.to(compute_dtype) + alpha * merged[0]).to(base[k].dtype).to(base[k].device)
+        return run
+
+    costs = [tt * m * n * min(m, n) for _, m, n in keys]   # the GEMMs' flops, up to a constant
+    workers = min(torch.get_num_threads(), max_at_once)
+    _threads.run_keys([job(k) for k, _, _ in keys], costs, workers, done)
 
 
 def iso_merge_state_dicts(method: str, base: Mapping[str, torch.Tensor],
