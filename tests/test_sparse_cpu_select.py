@@ -221,3 +221,20 @@ def test_keep_bits_are_read_and_only_of_their_shape():
     plan.keep_bits = torch.zeros((2, (5000 + 31) // 32), dtype=torch.int32)   # read: every delta dropped
     S.merge(xs, base, out, plan, torch.ones(2), scales, 1.0, 2.0, True, False)
     assert torch.equal(out, base) and not torch.equal(good, base)
+
+
+@pytest.mark.parametrize("kind", ["plain", "ties"])
+def test_select_wide_bracket_against_sort(kind):
+    # fp32 keys, 2M elements: the bracket holds ~10^5 candidates spread over many of the 2^12
+    # histogram buckets that locate the answer; key and counts must be the sort's, for cuts at
+    # several densities
+    n = (1 << 21) + 5
+    base, xs = _inputs(kind, n, torch.float32, 2, seed=3)
+    qm = [0, 0, 1, 1]
+    ks = [n // 5, n // 10, n // 2 + 1, n // 100]
+    res, _ = S.select(xs, base, qm, ks)
+    for q, (m, k) in enumerate(zip(qm, ks)):
+        assert res[q, 3] == 1, q
+        keys = ((xs[m] - base).view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
+        kth = int(torch.sort(keys, descending=True)[0][k - 1])
+        assert res[q, :3].tolist() == [kth, int((keys > kth).sum()), int((keys == kth).sum())], q

@@ -300,11 +300,32 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
             }
             found = lo + uint32_t(v);
         } else {
-            std::vector<uint32_t> all;
-            all.reserve(size_t(total));
-            for (int th = 0; th < nth; ++th) all.insert(all.end(), cands[th][q].begin(), cands[th][q].end());
-            std::nth_element(all.begin(), all.begin() + (k_rem - 1), all.end(), std::greater<uint32_t>());
-            found = all[k_rem - 1];
+            // a wide bracket (fp32 keys, ~2% of n candidates): a 2^12-bucket histogram of
+            // (key - lo) >> shift (L1-resident counts) finds the bucket of the answer, and an
+            // nth_element over that bucket's candidates alone gives it: two streaming passes over
+            // the candidates instead of an nth_element over all of them (measured: 8% of a TIES
+            // plan's CPU time went to that nth_element)
+            constexpr uint32_t HB = 12;
+            int shift = 0;
+            while ((width >> shift) >= (1u << HB)) ++shift;
+            const uint32_t nb = (width >> shift) + 1;
+            std::vector<int64_t> cnt(nb, 0);
+            for (int th = 0; th < nth; ++th)
+                for (const uint32_t k : cands[th][q]) ++cnt[(k - lo) >> shift];
+            int64_t seen = 0;
+            int64_t v = int64_t(nb) - 1;
+            for (; v > 0; --v) {
+                if (seen + cnt[size_t(v)] >= k_rem) break;
+                seen += cnt[size_t(v)];
+            }
+            std::vector<uint32_t> bucket;
+            bucket.reserve(size_t(cnt[size_t(v)]));
+            for (int th = 0; th < nth; ++th)
+                for (const uint32_t k : cands[th][q])
+                    if (((k - lo) >> shift) == uint32_t(v)) bucket.push_back(k);
+            const int64_t r = k_rem - seen;   // 1-based descending rank inside the bucket
+            std::nth_element(bucket.begin(), bucket.begin() + (r - 1), bucket.end(), std::greater<uint32_t>());
+            found = bucket[size_t(r - 1)];
         }
         int64_t gt = above[q], eq = 0;
         int64_t* tq = ties + q * nblocks;
