@@ -238,3 +238,25 @@ def test_select_wide_bracket_against_sort(kind):
         keys = ((xs[m] - base).view(torch.int32) & 0x7FFFFFFF).to(torch.int64)
         kth = int(torch.sort(keys, descending=True)[0][k - 1])
         assert res[q, :3].tolist() == [kth, int((keys > kth).sum()), int((keys == kth).sum())], q
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_select_few_key_bracket_against_sort(dt):
+    # 16-bit keys on a bf16-rounded model (deltas quantised to the base's ulp): the bracket holds
+    # ~16-64 keys with a few % of the elements, counted per block and key by scattered increments;
+    # key, counts and per-block tie counts must be the sort's
+    n = (1 << 21) + 3
+    g = torch.Generator().manual_seed(5)
+    base = (0.02 * torch.randn(n, generator=g)).to(dt)
+    xs = [(base.float() + 1e-3 * torch.randn(n, generator=g)).to(dt) for _ in range(2)]
+    qm, ks = [0, 0, 1], [n // 5, n // 100, n // 2]
+    res, ties = S.select(xs, base, qm, ks)
+    for q, (m, k) in enumerate(zip(qm, ks)):
+        assert res[q, 3] == 1, q
+        d = (xs[m].float() - base.float()).to(dt)
+        keys = (d.view(torch.int16).to(torch.int64) & 0x7FFF)
+        kth = int(torch.sort(keys, descending=True)[0][k - 1])
+        assert res[q, :3].tolist() == [kth, int((keys > kth).sum()), int((keys == kth).sum())], q
+        B = P.BLOCK
+        eq = torch.nn.functional.pad((keys == kth).to(torch.int64), (0, (-n) % B)).view(-1, B).sum(1)
+        assert torch.equal(ties[q], eq), q

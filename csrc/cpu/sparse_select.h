@@ -148,6 +148,25 @@ inline int compact_bracket(const uint32_t* key, int m, uint32_t lo, uint32_t wid
     return nc;
 }
 
+// Bit j of the result: key[j] - lo <= width (unsigned), for j < m <= 64; the same bits on every
+// build (AVX2: compare and movemask 8 lanes at a time).
+inline uint64_t bracket_bits(const uint32_t* key, int m, uint32_t lo, uint32_t width) {
+    uint64_t bits = 0;
+    int j = 0;
+#if defined(__AVX2__)
+    const __m256i vlo = _mm256_set1_epi32(int(lo)), sign = _mm256_set1_epi32(int(0x80000000u));
+    const __m256i vw = _mm256_xor_si256(_mm256_set1_epi32(int(width)), sign);
+    for (; j + 8 <= m; j += 8) {
+        const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + j));
+        const __m256i t = _mm256_xor_si256(_mm256_sub_epi32(k, vlo), sign);
+        const uint32_t out = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(t, vw))));
+        bits |= uint64_t(~out & 0xFFu) << j;
+    }
+#endif
+    for (; j < m; ++j) bits |= uint64_t(key[j] - lo <= width) << j;
+    return bits;
+}
+
 template <int DT>
 void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::vector<int64_t>& ks, int64_t* res,
                  int64_t* ties) {
@@ -178,6 +197,7 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
     }
     std::vector<uint32_t> klo(Q), khi(Q);
     std::vector<int64_t> cap(Q);
+    std::vector<double> inside(Q);   // the sample's fraction inside the bracket
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t q = 0; q < Q; ++q) {
         std::vector<uint32_t> sk = sample[slot[q]];
@@ -193,15 +213,26 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
         khi[q] = r_hi == 0 ? 0xFFFFFFFFu : sk[S - 1 - r_hi];   // the top of the sample: no upper bound
         // the bracket holds about (r_lo - r_hi) / S of the elements; 4x that (and >= 64K) before giving up
         cap[q] = std::max<int64_t>(int64_t(1) << 16, int64_t(4.0 * double(r_lo - r_hi + 1) / double(S) * double(n)));
+        int64_t in = 0;
+        for (const uint32_t k : sk) in += k - klo[q] <= khi[q] - klo[q];
+        inside[q] = double(in) / double(S);
     }
     // ---- 2. the pass: candidates in block order per thread, with a count per block (their blocks)
-    constexpr uint32_t NARROW = 16;
-    std::vector<uint8_t> narrow(Q, 0);
-    std::vector<std::vector<uint32_t>> narrow_counts(Q);
+    // A bracket of few keys (16-bit dtypes) is counted per block and key instead (uint16: a block
+    // holds kBlock <= 65535 elements), no candidates kept. While the sample puts < 1/4 of the
+    // elements inside: by incrementing the count of each lane inside (< SCATTER keys; a bf16
+    // bracket of ~17 keys holds ~7% of the elements, and compacting them as candidates made the
+    // pass 2-3x slower); else, < NARROW keys, with one vector compare per key (the cut may be one
+    // tie group holding most elements: increments of one count would be a serial chain). The
+    // counts take n * W / 512 bytes (<= n / 8).
+    constexpr uint32_t NARROW = 16, SCATTER = 64;
+    static_assert(BLOCK <= 65535, "per-block counts are uint16");
+    std::vector<uint8_t> narrow(Q, 0);   // 0: candidates, 1: vector compares, 2: scatter
+    std::vector<std::vector<uint16_t>> narrow_counts(Q);
     for (int64_t q = 0; q < Q; ++q)
-        if (khi[q] != 0xFFFFFFFFu && khi[q] - klo[q] < NARROW) {
-            narrow[q] = 1;
-            narrow_counts[q].assign(size_t(nblocks) * (khi[q] - klo[q] + 1), 0);
+        if (khi[q] != 0xFFFFFFFFu && khi[q] - klo[q] < SCATTER) {
+            narrow[q] = inside[q] < 0.25 ? 2 : khi[q] - klo[q] < NARROW ? 1 : 0;
+            if (narrow[q]) narrow_counts[q].assign(size_t(nblocks) * (khi[q] - klo[q] + 1), 0);
         }
     const int nth = omp_get_max_threads();
     std::vector<std::vector<std::vector<uint32_t>>> cands(nth, std::vector<std::vector<uint32_t>>(Q));
@@ -224,15 +255,30 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
                         uint32_t up = 0;
                         for (int j = 0; j < m; ++j) up += uint32_t(key[j] > hi);
                         my_above[q] += up;
-                        if (narrow[q]) {
-                            // a bracket of <= NARROW keys (16-bit dtypes: the cut is one big tie group):
+                        if (narrow[q] == 1) {
+                            // a bracket of < NARROW keys (16-bit dtypes: the cut is one big tie group):
                             // count each key per block with vector compares, keep no candidates
-                            uint32_t* bc = narrow_counts[q].data() + size_t(blk) * (hi - lo + 1);
+                            uint16_t* bc = narrow_counts[q].data() + size_t(blk) * (hi - lo + 1);
                             for (uint32_t v = 0; v <= hi - lo; ++v) {
                                 uint32_t c = 0;
                                 const uint32_t kv = lo + v;
                                 for (int j = 0; j < m; ++j) c += uint32_t(key[j] == kv);
-                                bc[v] += c;
+                                bc[v] = uint16_t(bc[v] + c);
+                            }
+                            continue;
+                        }
+                        if (narrow[q] == 2) {
+                            // < SCATTER keys: 64-lane masks of the lanes inside the bracket, one
+                            // increment per such lane (lowest bit first)
+                            uint16_t* bc = narrow_counts[q].data() + size_t(blk) * (hi - lo + 1);
+                            for (int j0 = 0; j0 < m; j0 += 64) {
+                                const int mm = std::min(64, m - j0);
+                                uint64_t bits = bracket_bits(key + j0, mm, lo, hi - lo);
+                                while (bits) {
+                                    const int j = j0 + __builtin_ctzll(bits);
+                                    bits &= bits - 1;
+                                    ++bc[key[j] - lo];
+                                }
                             }
                             continue;
                         }
@@ -260,7 +306,7 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
     for (int64_t q = 0; q < Q; ++q) {
         if (narrow[q]) {
             const uint32_t W = khi[q] - klo[q] + 1;
-            const uint32_t* bc = narrow_counts[q].data();
+            const uint16_t* bc = narrow_counts[q].data();
             std::vector<int64_t> h(W, 0);
             for (int64_t blk = 0; blk < nblocks; ++blk)
                 for (uint32_t v = 0; v < W; ++v) h[v] += bc[size_t(blk) * W + v];
