@@ -47,12 +47,7 @@ from benchmarks.common import write_results
 def _yaml(path, method, base, models, dtype):
     import yaml
 
-    params = {"weight": 1.0 / len(models)} if method == "linear" else {"weight": 1.0, "density": 0.5}
-    cfg = {"merge_method": method}
-    if method != "linear":
-        cfg["base_model"] = base
-    cfg["models"] = [{"model": m, "parameters": dict(params)} for m in models]
-    cfg["dtype"] = dtype
+    cfg = _cfg(method)({"base": base, "models": models}, dtype)
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     return path
@@ -65,7 +60,23 @@ def _layers(z):
 
 #: (name, config builder(zoo, dtype)): one line per CLI config; a config ``wweight merge`` refuses is
 #: reported as skipped with its error.
+def _cfg(method):
+    """Config builder (zoo, dtype) -> dict of the in-process benchmark (:func:`_yaml`) and the CLI one:
+    weight 1 and density 0.5 per model (linear: weights 1/K, no base)."""
+    def build(z, dt):
+        params = {"weight": 1.0 / len(z["models"])} if method == "linear" else {"weight": 1.0, "density": 0.5}
+        cfg = {"merge_method": method}
+        if method != "linear":
+            cfg["base_model"] = z["base"]
+        cfg["models"] = [{"model": m, "parameters": dict(params)} for m in z["models"]]
+        cfg["dtype"] = dt
+        return cfg
+    return build
+
+
 CLI_CONFIGS = [
+    ("ties", _cfg("ties")),
+    ("linear", _cfg("linear")),
     ("slerp", lambda z, dt: {"merge_method": "slerp", "base_model": z["base"], "dtype": dt,
                              "models": [{"model": z["base"]}, {"model": z["models"][0]}],
                              "parameters": {"t": 0.3}}),
