@@ -58,8 +58,6 @@ def _layers(z):
         1 + max(int(k.split(".")[2]) for k, _ in z["shapes"] if k.startswith("model.layers."))
 
 
-#: (name, config builder(zoo, dtype)): one line per CLI config; a config ``wweight merge`` refuses is
-#: reported as skipped with its error.
 def _cfg(method):
     """Config builder (zoo, dtype) -> dict of the in-process benchmark (:func:`_yaml`) and the CLI one:
     weight 1 and density 0.5 per model (linear: weights 1/K, no base)."""
@@ -74,6 +72,8 @@ def _cfg(method):
     return build
 
 
+#: (name, config builder(zoo, dtype)): one line per CLI config; a config ``wweight merge`` refuses is
+#: reported as skipped with its error.
 CLI_CONFIGS = [
     ("ties", _cfg("ties")),
     ("linear", _cfg("linear")),

@@ -109,11 +109,25 @@ void tie_counts(const In& in, const std::vector<int64_t>& qmodel, const std::vec
 //   1. A sample (up to 4096 runs of 8 consecutive elements per model) brackets each query's key:
 //      [k_lo, k_hi] = the sample's keys at ranks k/n * S -/+ (5 sigma + 32).
 //   2. One pass counts, per query, the elements above k_hi (a vectorised compare) and keeps every
-//      element inside the bracket as a candidate (key, block), by branch-free compaction.
-//   3. If above < k <= above + candidates, the k-th key is a candidate: an nth_element over the
-//      candidates gives it, its counts and its per-block tie counts. Otherwise (the sample missed:
-//      very skewed data) or when the candidates overflow their cap (huge tie groups), the query is
-//      left to the radix passes (resolved = 0): still exact, at 1-3 more passes.
+//      element inside the bracket as a candidate (key, block), by branch-free compaction; a
+//      16-bit bracket of few keys is instead counted per block and key (no candidates).
+//   3. If above < k <= above + candidates, the k-th key is a candidate: a histogram of the
+//      candidates and an nth_element over one of its buckets give it, its counts and its
+//      per-block tie counts. Otherwise (the sample missed: very skewed data) or when the
+//      candidates overflow their cap (huge tie groups), the query is left to the radix passes
+//      (resolved = 0): still exact, at 1-3 more passes.
+#if defined(__AVX2__)
+// Bit l of the result: lane l of k satisfies k - lo <= width (unsigned); vlo = lo in every lane,
+// vw = bracket_width8(width) (width ^ 0x80000000: the unsigned compare as a signed one).
+inline uint32_t bracket_mask8(__m256i k, __m256i vlo, __m256i vw) {
+    const __m256i sign = _mm256_set1_epi32(int(0x80000000u));
+    const __m256i t = _mm256_xor_si256(_mm256_sub_epi32(k, vlo), sign);
+    return ~uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(t, vw)))) & 0xFFu;
+}
+
+inline __m256i bracket_width8(uint32_t width) { return _mm256_set1_epi32(int(width ^ 0x80000000u)); }
+#endif
+
 // Appends the keys of key[0 .. m) with key - lo <= width (unsigned) to out; returns how many.
 // out must have room for m more. Same keys in the same order on every build; the AVX2 build
 // compacts 8 lanes at a time (compare, movemask, a permutation from a 256-entry table).
@@ -129,13 +143,10 @@ inline int compact_bracket(const uint32_t* key, int m, uint32_t lo, uint32_t wid
         }
         return t;
     }();
-    const __m256i vlo = _mm256_set1_epi32(int(lo)), sign = _mm256_set1_epi32(int(0x80000000u));
-    const __m256i vw = _mm256_xor_si256(_mm256_set1_epi32(int(width)), sign);
+    const __m256i vlo = _mm256_set1_epi32(int(lo)), vw = bracket_width8(width);
     for (; j + 8 <= m; j += 8) {
         const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + j));
-        const __m256i t = _mm256_xor_si256(_mm256_sub_epi32(k, vlo), sign);
-        const int out_mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(t, vw)));
-        const int in_mask = ~out_mask & 0xFF;
+        const int in_mask = int(bracket_mask8(k, vlo, vw));
         const __m256i perm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lut.data() + in_mask * 8));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + nc), _mm256_permutevar8x32_epi32(k, perm));
         nc += __builtin_popcount(unsigned(in_mask));
@@ -154,14 +165,9 @@ inline uint64_t bracket_bits(const uint32_t* key, int m, uint32_t lo, uint32_t w
     uint64_t bits = 0;
     int j = 0;
 #if defined(__AVX2__)
-    const __m256i vlo = _mm256_set1_epi32(int(lo)), sign = _mm256_set1_epi32(int(0x80000000u));
-    const __m256i vw = _mm256_xor_si256(_mm256_set1_epi32(int(width)), sign);
-    for (; j + 8 <= m; j += 8) {
-        const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + j));
-        const __m256i t = _mm256_xor_si256(_mm256_sub_epi32(k, vlo), sign);
-        const uint32_t out = uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(t, vw))));
-        bits |= uint64_t(~out & 0xFFu) << j;
-    }
+    const __m256i vlo = _mm256_set1_epi32(int(lo)), vw = bracket_width8(width);
+    for (; j + 8 <= m; j += 8)
+        bits |= uint64_t(bracket_mask8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + j)), vlo, vw)) << j;
 #endif
     for (; j < m; ++j) bits |= uint64_t(key[j] - lo <= width) << j;
     return bits;

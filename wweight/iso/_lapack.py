@@ -78,13 +78,15 @@ def syevd(g: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     jobz, uplo, nn, info = ctypes.c_char(b"V"), ctypes.c_char(b"L"), ctypes.c_int(n), ctypes.c_int(0)
     wq, iq = np.zeros(1, np.float64), np.zeros(1, np.int32)
     lw, liw = ctypes.c_int(-1), ctypes.c_int(-1)
-    f(_ref(jobz), _ref(uplo), _ref(nn), a.ctypes.data, _ref(nn), w.ctypes.data, wq.ctypes.data, _ref(lw),
-      iq.ctypes.data, _ref(liw), _ref(info))   # workspace query
+
+    def call(work, iwork):
+        f(_ref(jobz), _ref(uplo), _ref(nn), a.ctypes.data, _ref(nn), w.ctypes.data, work.ctypes.data, _ref(lw),
+          iwork.ctypes.data, _ref(liw), _ref(info))
+
+    call(wq, iq)   # workspace query
     _check(info.value, "dsyevd")
     lw.value, liw.value = max(1, int(wq[0])), max(1, int(iq[0]))
-    work, iwork = np.empty(lw.value, np.float64), np.empty(liw.value, np.int32)
-    f(_ref(jobz), _ref(uplo), _ref(nn), a.ctypes.data, _ref(nn), w.ctypes.data, work.ctypes.data, _ref(lw),
-      iwork.ctypes.data, _ref(liw), _ref(info))
+    call(np.empty(lw.value, np.float64), np.empty(liw.value, np.int32))
     _check(info.value, "dsyevd")
     return w, a
 

@@ -104,8 +104,6 @@ def run_keys(jobs: Sequence[Callable[[], None]], costs: Sequence[float], workers
     each job finishes. If jobs fail, the ones not started are cancelled, the running ones finish,
     and the exception of the failed job that comes first in ``jobs`` is raised.
     """
-    order = sorted(range(len(jobs)), key=lambda i: -costs[i])   # stable: ties keep the given order
-
     def run(i):
         _JOB.on = True
         try:
@@ -121,6 +119,7 @@ def run_keys(jobs: Sequence[Callable[[], None]], costs: Sequence[float], workers
                 if done is not None:
                     done(1)
             return
+        order = sorted(range(len(jobs)), key=lambda i: -costs[i])   # stable: ties keep the given order
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wweight-iso") as ex:
             futs = {ex.submit(run, i): i for i in order}
             failed = False

@@ -209,13 +209,18 @@ def _merge_groups(method, base, finetuned, names, alpha, f, compute_dtype, memor
             merged = _dispatch.run_op(_iso_merge_batch, stack, method, f, rank_rtol)
             del stack
             for j, k in enumerate(chunk):
-                res = bases[j].to(compute_dtype) + alpha * merged[j]
-                out[k] = res.to(base[k].dtype).to(base[k].device)
+                out[k] = _merged_key(bases[j], merged[j], alpha, compute_dtype, base[k])
             del merged, bases
             done(len(chunk))
     if cpu_keys:
         _merge_cpu_keys(method, base, alpha, f, compute_dtype, rank_rtol, T, out, cpu_keys, cpu_bs,
                         task_vectors, done)
+
+
+def _merged_key(b: torch.Tensor, merged: torch.Tensor, alpha: float, compute_dtype: torch.dtype,
+                like: torch.Tensor) -> torch.Tensor:
+    """``b + alpha * merged`` in ``compute_dtype``, returned in ``like``'s dtype and device."""
+    return (b.to(compute_dtype) + alpha * merged).to(like.dtype).to(like.device)
 
 
 def _merge_cpu_keys(method, base, alpha, f, compute_dtype, rank_rtol, T, out, keys, max_at_once,
@@ -234,7 +239,7 @@ def _merge_cpu_keys(method, base, alpha, f, compute_dtype, rank_rtol, T, out, ke
             del each, total
             merged = _dispatch.run_op(_iso_merge_batch, stack, method, f, rank_rtol)
             del stack
-            out[k] = (b.to(compute_dtype) + alpha * merged[0]).to(base[k].dtype).to(base[k].device)
+            out[k] = _merged_key(b, merged[0], alpha, compute_dtype, base[k])
         return run
 
     costs = [tt * m * n * min(m, n) for _, m, n in keys]   # the GEMMs' flops, up to a constant
