@@ -6,7 +6,9 @@
    ``--models`` fine-tunes, bf16, sharded like Hugging Face) under ``--workdir`` (default: a temp dir).
 2. The I/O floor per method (:func:`io_floor`): ``pread`` every byte of the input shards the
    method reads into one reused buffer and ``pwrite`` one output-sized file (same disk, same
-   page-cache state as the merges), and separately the ``fsync`` of that file. Earlier runs used
+   page-cache state as the merges), and separately the ``fsync`` of that file. Since the reader maps
+   large tensors instead of copying them, also the floor of a mapping reader (:func:`mapped_floor`:
+   map the inputs, load every byte once, ``pwrite`` the output), which is lower. Earlier runs used
    ``safetensors`` ``load_file`` / ``save_file`` (:func:`st_floor`, still reported), which maps the
    inputs lazily and never reads them: that "floor" was the time to write one model.
 3. For each method (default ties, dare_ties, linear; 3 models): the same YAML through
@@ -244,6 +246,42 @@ def io_floor(dirs, out_bytes, out_dir, *, chunk=64 << 20):
     return t, ts
 
 
+def mapped_floor(dirs, out_bytes, out_dir, *, chunk=64 << 20):
+    """The floor of a reader that maps its inputs instead of copying them (as
+    :class:`wweight.checkpoint.Checkpoint` does for tensors of 1 MB and more): seconds to map every
+    input shard in ``dirs`` privately and load every byte once (a sum over it as int64, torch's
+    threads, at memory speed: a merge kernel must load each input byte at least once), then ``pwrite``
+    ``out_bytes`` to a new file from one reused buffer (no fsync). Lower than :func:`io_floor`, which
+    copies every input byte with ``pread``: once inputs are mapped, that copy is no longer a cost
+    every engine must pay."""
+    import mmap
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    buf = bytearray(chunk)
+    mv = memoryview(buf)
+    t0 = time.perf_counter()
+    for d in dirs:
+        for fp in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+            n = os.path.getsize(fp)
+            with open(fp, "rb") as f:
+                mm = mmap.mmap(f.fileno(), n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            words = torch.frombuffer(mm, dtype=torch.int64, count=n // 8)
+            int(words.sum())
+            del words
+            mm.close()
+    fd = os.open(os.path.join(out_dir, "out.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        off = 0
+        while off < out_bytes:
+            off += os.pwrite(fd, mv[:min(chunk, out_bytes - off)], off)
+        t = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return t
+
+
 def run_wweight(cfg_path, out_dir, device, fsync=True):
     """The library call, in this process (OpenMP's default wait policy)."""
     from wweight.checkpoint import run_merge
@@ -367,6 +405,7 @@ def main(argv=None):
         ins = inputs if method != "linear" else list(z["models"])
         n_in = len(ins)
         m_floor, m_fsync = min(io_floor(ins, model_bytes, os.path.join(work, "floor")) for _ in range(3))
+        mapped = min(mapped_floor(ins, model_bytes, os.path.join(work, "floor")) for _ in range(3))
         out = os.path.join(work, "ww")
         cli = statistics.median(run_wweight_cli_env(cfg, out, args.device, args.repeat))
         cli_nofsync = statistics.median(run_wweight_cli_env(cfg, out, args.device, args.repeat, fsync=False))
@@ -377,7 +416,8 @@ def main(argv=None):
                "io_floor_s": m_floor, "fsync_s": m_fsync, "st_floor_s": old_floor,
                "wweight_s": cli, "wweight_nofsync_s": cli_nofsync, "wweight_inproc_s": inproc,
                "wweight_GBps": (n_in + 1) * model_bytes / cli / 1e9,
-               "wweight_vs_floor": cli / (m_floor + m_fsync), "nofsync_vs_floor": cli_nofsync / m_floor}
+               "wweight_vs_floor": cli / (m_floor + m_fsync), "nofsync_vs_floor": cli_nofsync / m_floor,
+               "mapped_floor_s": mapped, "nofsync_vs_mapped_floor": cli_nofsync / mapped}
         if not args.no_mergekit:
             mk = statistics.median(run_mergekit(cfg, os.path.join(work, "mk"), args.device) for _ in range(args.repeat))
             worst, frac = compare(out, os.path.join(work, "mk"))
@@ -386,7 +426,8 @@ def main(argv=None):
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     cols = ["method", "size", "params_M", "read_GB", "write_GB", "io_floor_s", "fsync_s", "wweight_s",
-            "wweight_vs_floor", "wweight_nofsync_s", "nofsync_vs_floor", "wweight_inproc_s", "mergekit_s",
+            "wweight_vs_floor", "wweight_nofsync_s", "nofsync_vs_floor", "mapped_floor_s", "nofsync_vs_mapped_floor",
+            "wweight_inproc_s", "mergekit_s",
             "speedup_vs_mergekit", "wweight_GBps", "st_floor_s", "max_abs_diff", "frac_diff"]
     md = write_results("checkpoint", dev, rows, columns=cols, title="wweight merge vs mergekit-yaml vs I/O floor",
                        extra={"note": "warm page cache, imports excluded, median of --repeat runs. io_floor_s: pread "
@@ -396,6 +437,10 @@ def main(argv=None):
                                       "`wweight merge` sets itself up (OMP_WAIT_POLICY=PASSIVE); "
                                       "wweight_vs_floor = wweight_s / (io_floor_s + fsync_s); wweight_nofsync_s: "
                                       "the same without fsync, nofsync_vs_floor = it / io_floor_s; "
+                                      "mapped_floor_s: map every input shard and load each byte once (int64 "
+                                      "sum) + pwrite the output (no fsync), the floor of a reader that maps "
+                                      "its inputs as wweight's does for tensors >= 1 MB, which skips "
+                                      "io_floor_s's pread copy; nofsync_vs_mapped_floor = wweight_nofsync_s / it; "
                                       "wweight_inproc_s: the library call in the benchmark process (OpenMP's "
                                       "default policy, fsync); mergekit_s: mergekit's run_merge in the benchmark "
                                       "process (no fsync); st_floor_s: safetensors load_file + save_file, the "

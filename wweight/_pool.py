@@ -12,8 +12,10 @@ the engine gives buffers back (:meth:`BufferPool.give`) once nothing else refere
 Safety: a tensor is taken into the pool only when nothing else can reach its memory: no other
 Python reference to the tensor object and no other tensor on its storage (the storage use count
 equals that of a lone tensor, calibrated at import; if torch ever counts differently the pool
-stays empty). Memory: the pool's bytes are resident, so the engine counts them against its memory
-budget and trims the pool before admitting work (:meth:`BufferPool.trim`).
+stays empty), and not a tensor marked :func:`not_poolable` (a mapped input, which must be unmapped
+when it is freed, not kept to be read into). Memory: the pool's bytes are resident, so the engine
+counts them against its memory budget and trims the pool before admitting work
+(:meth:`BufferPool.trim`).
 """
 from __future__ import annotations
 
@@ -48,6 +50,17 @@ def _calibrate() -> Optional[int]:
 
 _LONE = _calibrate()
 _ACTIVE: Optional["BufferPool"] = None
+_MARK = "_wweight_not_poolable"
+
+
+def not_poolable(t: torch.Tensor) -> torch.Tensor:
+    """Mark ``t`` as memory no pool may keep (e.g. a copy-on-write file mapping,
+    :mod:`wweight.checkpoint.reader`); returns ``t``. The mark is an attribute of this tensor object,
+    not of its storage: a view of it made later is not marked, and if only such a view were given
+    back, the pool would keep the mapping as a buffer (private memory: correct, only not unmapped
+    while the pool holds it); the engine gives back the tensors the reader returned."""
+    setattr(t, _MARK, True)
+    return t
 
 
 class BufferPool:
@@ -83,7 +96,7 @@ class BufferPool:
             t = tensors.pop()
             # 2: ``t`` here and getrefcount's argument; any other holder (a dict, a view's base) adds one
             if (_LONE is None or t is None or type(t) is not torch.Tensor or t.device.type != "cpu"
-                    or sys.getrefcount(t) != 2 or _use_count(t) != _LONE or t.is_pinned()):
+                    or sys.getrefcount(t) != 2 or _use_count(t) != _LONE or t.is_pinned() or hasattr(t, _MARK)):
                 continue
             st = t.untyped_storage()
             nb = st.nbytes()

@@ -3,7 +3,7 @@
 Modules, each usable on its own:
 
 * :mod:`.format`    the safetensors / Hugging Face layout: names, dtypes, header parsing, sizes;
-* :mod:`.reader`    :class:`Checkpoint` (validated up front, one tensor at a time with ``pread``)
+* :mod:`.reader`    :class:`Checkpoint` (validated up front, one tensor at a time: mapped copy-on-write, or ``pread``)
   and the one compatibility check shared by merge and align;
 * :mod:`.writer`    :func:`plan_shards` / :class:`ShardedWriter` (headers first, preallocated files,
   tensors at their final offsets from any thread or process), :func:`save_checkpoint`;
