@@ -91,14 +91,25 @@ class BuildExt(build_ext):
         # rounds each product and sum on its own and gives the same bits
         ext.extra_compile_args = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", "-ffp-contract=off"]
         ext.extra_link_args = ["-fopenmp"]
-        # *_avx2.cpp: the same kernels built for AVX2 (never FMA), picked at run time by cpuid
-        # (csrc/cpu/sparse_cpu.cpp); elsewhere they compile to an empty table
-        isa = [s for s in ext.sources if s.endswith("_avx2.cpp")]
+        # *_avx2.cpp / *_avx512.cpp: the same kernels built for AVX2 / AVX-512 (never FMA), the widest
+        # the CPU runs picked at run time by cpuid (csrc/cpu/sparse_cpu.cpp); elsewhere they compile
+        # to an empty table. The two are compiled side by side (two cores on the CI machine).
+        isa_flags = {"_avx2.cpp": ["-mavx2"],
+                     "_avx512.cpp": ["-mavx2", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                                     "-mprefer-vector-width=512"]}
+        isa = [s for s in ext.sources if s.endswith(tuple(isa_flags))]
         if isa and platform.machine().lower() in ("x86_64", "amd64"):
+            from concurrent.futures import ThreadPoolExecutor
+
             ext.sources = [s for s in ext.sources if s not in isa]
-            ext.extra_objects = self.compiler.compile(
-                isa, output_dir=self.build_temp, include_dirs=ext.include_dirs,
-                extra_postargs=ext.extra_compile_args + ["-mavx2", "-fPIC"])
+
+            def one(src):
+                flags = next(f for suffix, f in isa_flags.items() if src.endswith(suffix))
+                return self.compiler.compile([src], output_dir=self.build_temp, include_dirs=ext.include_dirs,
+                                             extra_postargs=ext.extra_compile_args + flags + ["-fPIC"])
+
+            with ThreadPoolExecutor(max_workers=len(isa)) as pool:
+                ext.extra_objects = [o for objs in pool.map(one, isa) for o in objs]
         try:
             build_ext.build_extension(self, ext)
             return True
@@ -181,7 +192,7 @@ class BuildExt(build_ext):
 cuda_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cu")))
 cuda_sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
 cpu_sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-# every header (and the *_avx2.cpp files, built apart): an edit to any of them rebuilds the extension;
+# every header (and the *_avx2 / *_avx512.cpp files, built apart): an edit to any of them rebuilds the extension;
 # without them setuptools sees the .so newer than the .cpp files and keeps a stale build
 cpu_depends = sorted(os.path.relpath(p, ROOT) for pat in ("*.h", "*.cuh", os.path.join("cpu", "*.h"),
                                                           os.path.join("cpu", "*.cpp"))

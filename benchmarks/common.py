@@ -35,6 +35,19 @@ def device_tag(device: torch.device) -> str:
     return "cpu"
 
 
+def cpu_model() -> str:
+    """The host CPU's model name and its widest x86 vector extension (Linux), else ''."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else ""
+    return f"{name} ({isa})" if name and isa else name
+
+
 def environment(device) -> Dict[str, str]:
     env = {
         "device": device_name(device),
@@ -49,6 +62,9 @@ def environment(device) -> Dict[str, str]:
             pass
     if torch.device(device).type == "cuda":
         env["cuda"] = torch.version.cuda
+    cpu = cpu_model()
+    if cpu:   # the CI VM's CPU changes between days (a Zen 4 EPYC, a Xeon): say which one measured
+        env["cpu"] = cpu
     try:
         from wweight import _ext
 

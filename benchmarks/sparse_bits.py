@@ -78,7 +78,7 @@ def digests() -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks sparse-bits")
     ap.add_argument("--write", action="store_true", help="record this build's bits (else: compare with the record)")
-    ap.add_argument("--isa", default="auto", help="which build of the C++ kernels runs: auto, baseline, avx2")
+    ap.add_argument("--isa", default="auto", help="which build of the C++ kernels runs: auto, baseline, avx2, avx512")
     args = ap.parse_args(argv)
     from wweight._ext import cpu_extension
     ext = cpu_extension()

@@ -113,32 +113,48 @@ def test_plan_same_with_and_without_select(dt, kind, method):
 
 
 def _isas():
+    """The builds of the sparse kernels this CPU and extension run (baseline always)."""
     have = ["baseline"]
     prev = ext.sparse_use_isa("auto")
-    if ext.sparse_isa() == "avx2":
-        have.append("avx2")
-    ext.sparse_use_isa(prev)
+    try:
+        for name in ("avx2", "avx512"):
+            try:
+                ext.sparse_use_isa(name)
+                have.append(name)
+            except ValueError:
+                pass
+    finally:
+        ext.sparse_use_isa(prev)
     return have
 
 
-@pytest.mark.skipif(len(_isas()) < 2, reason="this CPU or build has no AVX2 kernels")
+def test_auto_picks_the_widest_build():
+    prev = ext.sparse_use_isa("auto")
+    try:
+        assert ext.sparse_isa() == _isas()[-1]
+    finally:
+        ext.sparse_use_isa(prev)
+
+
+@pytest.mark.skipif(len(_isas()) < 2, reason="this CPU or build has no AVX2 / AVX-512 kernels")
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic", "dare_linear"])
-def test_baseline_and_avx2_builds_give_the_same_bits(dt, method):
+def test_every_build_gives_the_same_bits(dt, method):
     base, xs = _inputs("ties", 70_001, dt, 3, seed=2)
     kw = {"gamma": 0.02} if method.startswith("breadcrumbs") else {}
     outs = {}
     prev = ext.sparse_use_isa("auto")
     try:
-        for isa in ("baseline", "avx2"):
+        for isa in _isas():
             ext.sparse_use_isa(isa)
             outs[isa] = (wweight.merge_tensors(method, base, xs, weights=[1.0, -0.5, 0.7], density=0.3, seed=4,
                                                backend="cpu", **kw),
                          wweight.sparsify(xs[0] - base, 0.3, "random", rescale_norm="l1", seed=4, backend="cpu"))
     finally:
         ext.sparse_use_isa(prev)
-    for a, b in zip(outs["baseline"], outs["avx2"]):
-        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8))
+    for isa in _isas()[1:]:
+        for a, b in zip(outs["baseline"], outs[isa]):
+            assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), isa
 
 
 def test_use_isa_rejects_unknown_names():
@@ -160,14 +176,14 @@ def _unpack(bits, n):
     return ((bits.to(torch.int64).unsqueeze(-1) >> shifts) & 1).reshape(bits.shape[0], -1)[:, :n].bool()
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("n", [1, 33, 777, 300_001])
 def test_random_keep_bits_are_the_philox_masks(isa, n):
     # the statistics pass keeps the masks it draws (MaskPlan.keep_bits): element i of model t is
     # kept where the torch Philox stream stream0 + t gives u_i < density
     from wweight.reference.philox import philox_uniform
     if isa not in _isas():
-        pytest.skip("this CPU or build has no AVX2 kernels")
+        pytest.skip(f"this CPU or build has no {isa} kernels")
     base, xs = _inputs("plain", n, torch.float32, 3)
     dens = [0.2, 0.5, 0.9]
     plan = P.build_plan(S, xs, base, "random", dens, [0.0] * 3, seed=7, stream0=2)

@@ -47,5 +47,6 @@ struct SparseKernels {
 
 const SparseKernels& sparse_kernels_base();
 const SparseKernels& sparse_kernels_avx2();   // sparse_cpu_avx2.cpp: the same source built with -mavx2
+const SparseKernels& sparse_kernels_avx512();   // sparse_cpu_avx512.cpp: built with -mavx512{f,bw,vl,dq}
 
 }  // namespace wweight_cpu

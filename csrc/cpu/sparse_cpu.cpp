@@ -1,8 +1,8 @@
 // CPU (OpenMP) kernels of the sparse family: the four primitives of wweight/sparse/plan.py
 // (digit_hist, tie_counts, rescale_stats, merge) over raw host pointers, one pass per primitive and
-// no temporaries. The kernels are csrc/cpu/sparse_kernels.h, built twice: here for the baseline
-// target and in sparse_cpu_avx2.cpp with -mavx2; the AVX2 table is bound where the CPU has AVX2
-// (same source, same bits). Element logic is shared with the CUDA kernels (csrc/sparse_elem.h).
+// no temporaries. The kernels are csrc/cpu/sparse_kernels.h, built three times: here for the
+// baseline target, in sparse_cpu_avx2.cpp with -mavx2 and in sparse_cpu_avx512.cpp with AVX-512;
+// the widest table the CPU runs is bound (same source, same bits). Element logic is shared with the CUDA kernels (csrc/sparse_elem.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <omp.h>
@@ -40,13 +40,40 @@ namespace {
 
 using ww_base::wweight::elem::uniform4;
 
-// The best table for this CPU: AVX2 where cpuid says so (and the build has it), else the baseline.
-const SparseKernels* best_kernels() {
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();   // (its cpuid checks include the OS's XCR0 state for the AVX-512 registers)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+    return false;
+#endif
+}
+
+bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    const SparseKernels& a = wweight_cpu::sparse_kernels_avx2();
-    if (a.isa != nullptr && __builtin_cpu_supports("avx2")) return &a;
+    return __builtin_cpu_supports("avx2");
+#else
+    return false;
 #endif
+}
+
+// A build by name, when this CPU can run it and the extension has it; else nullptr.
+const SparseKernels* build_named(const std::string& name) {
+    if (name == "baseline") return &wweight_cpu::sparse_kernels_base();
+    if (name == "avx2" && cpu_has_avx2() && wweight_cpu::sparse_kernels_avx2().isa != nullptr)
+        return &wweight_cpu::sparse_kernels_avx2();
+    if (name == "avx512" && cpu_has_avx512() && wweight_cpu::sparse_kernels_avx512().isa != nullptr)
+        return &wweight_cpu::sparse_kernels_avx512();
+    return nullptr;
+}
+
+// The best table for this CPU: AVX-512, else AVX2 where cpuid says so (and the build has it), else
+// the baseline. All three give the same bits.
+const SparseKernels* best_kernels() {
+    for (const char* name : {"avx512", "avx2"})
+        if (const SparseKernels* k = build_named(name)) return k;
     return &wweight_cpu::sparse_kernels_base();
 }
 
@@ -57,15 +84,15 @@ const SparseKernels*& current() {
 
 const SparseKernels& kernels() { return *current(); }
 
-// Pick a build by name ("baseline", "avx2" or "auto"); returns the previous one's name. Tests run
-// both builds on the same inputs and compare the bits.
+// Pick a build by name ("baseline", "avx2", "avx512" or "auto"); returns the previous one's name.
+// Tests run every build on the same inputs and compare the bits.
 std::string use_isa(const std::string& name) {
     const std::string prev = kernels().isa;
-    if (name == "auto") current() = best_kernels();
-    else if (name == "baseline") current() = &wweight_cpu::sparse_kernels_base();
-    else if (name == "avx2" && best_kernels()->isa == std::string("avx2")) current() = best_kernels();
-    else throw std::invalid_argument("isa: expected 'auto', 'baseline' or an ISA this CPU and build have, got '" +
-                                     name + "'");
+    const SparseKernels* k = name == "auto" ? best_kernels() : build_named(name);
+    if (k == nullptr)
+        throw std::invalid_argument("isa: expected 'auto', 'baseline' or an ISA this CPU and build have "
+                                    "('avx2', 'avx512'), got '" + name + "'");
+    current() = k;
     return prev;
 }
 
@@ -149,6 +176,6 @@ void register_sparse_cpu(py::module_& m) {
     m.def("sparse_merge", &merge, "the fused merge; keep_bits != 0 (random mode): masks from rescale_stats");
     m.def("philox_uniform", &philox_uniform);
     m.def("sparse_isa", [] { return std::string(kernels().isa); },
-          "which build of the sparse kernels runs: 'avx2' or 'baseline'");
-    m.def("sparse_use_isa", &use_isa, "pick the build by name ('auto', 'baseline', 'avx2'); returns the previous one");
+          "which build of the sparse kernels runs: 'avx512', 'avx2' or 'baseline'");
+    m.def("sparse_use_isa", &use_isa, "pick the build by name ('auto', 'baseline', 'avx2', 'avx512'); returns the previous one");
 }
