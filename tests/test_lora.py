@@ -91,6 +91,22 @@ def test_read_matches_peft_merge(tmp_path, zoo, dtype):
     assert "lm_head.weight" in ck.replaced and "model.embed_tokens.weight" in ck.modules
 
 
+def test_read_on_a_mapped_base_matches_peft_merge(tmp_path, zoo, monkeypatch):
+    """The base's tensors mapped copy-on-write (every size here): a tensor the adapter adds to is
+    read into a buffer instead (written in place), the others stay mappings; same values."""
+    from wweight import _pool
+    from wweight.checkpoint import reader
+
+    monkeypatch.setattr(reader, "MAP_MIN_BYTES", 1)
+    ad = make_adapter(zoo[torch.bfloat16] / "base", tmp_path / "ad", r=4, lora_alpha=8, target_modules=LLAMA_ALL)
+    check_read(zoo[torch.bfloat16] / "base", ad, min_changed=7)
+    with open_model(str(zoo[torch.bfloat16] / "base"), str(ad), what="models[0]") as ck:
+        mapped = {k: hasattr(ck.read(k), _pool._MARK) for k in ck.keys}
+    assert not any(mapped[k] for k in ck.modules) and not any(mapped[k] for k in ck.bias_of)
+    if reader._CAN_MAP:
+        assert any(mapped[k] for k in ck.keys if k not in ck.modules)
+
+
 def test_rslora_patterns_and_16bit_adapter(tmp_path, zoo):
     """use_rslora (alpha / sqrt(r)), per-module rank_pattern / alpha_pattern, bf16-stored adapter weights."""
     ad = make_adapter(zoo[torch.bfloat16] / "base", tmp_path / "ad", r=8, lora_alpha=16, use_rslora=True,

@@ -317,8 +317,8 @@ class LoraCheckpoint(TensorSource):
             w = torch.empty(src.shape, dtype=self.tensors[key].dtype, pin_memory=pin)
             w.copy_(src)                                 # load_state_dict's copy: one rounding
             del src
-        else:
-            w = self.base.read(key, pin=pin)
+        else:   # a tensor the adapter adds to is written in place below: a buffer, not a mapping
+            w = self.base.read(key, pin=pin, mapped=key not in self.modules and key not in self.bias_of)
         lm = self.modules.get(key)
         if lm is not None:
             cd = self._lora_dtype(w.dtype)

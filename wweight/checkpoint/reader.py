@@ -196,15 +196,17 @@ class Checkpoint(TensorSource):
             self._fds[fp] = fd
         return fd
 
-    def read(self, key: str, *, pin: bool = False) -> torch.Tensor:
+    def read(self, key: str, *, pin: bool = False, mapped: bool = True) -> torch.Tensor:
         """One tensor as a new, writable CPU tensor that nobody else holds: a copy-on-write mapping of
         the file (large tensors, see the module doc), else read with ``pread`` into a buffer
         (page-locked when ``pin``; a pooled buffer comes back only when unreferenced,
-        :mod:`wweight._pool`). Writing to it never changes the file."""
+        :mod:`wweight._pool`). Writing to it never changes the file. ``mapped=False``: always a
+        buffer, for a caller about to write the whole tensor in place (on a mapping, each 4 KB page
+        would then fault and be copied on its own)."""
         info = self.tensors.get(key)
         if info is None:
             raise CheckpointError(f"{self.what} {self.path}: no tensor {key!r}")
-        if (_CAN_MAP and not pin and info.nbytes and info.nbytes >= MAP_MIN_BYTES
+        if (_CAN_MAP and mapped and not pin and info.nbytes and info.nbytes >= MAP_MIN_BYTES
                 and info.start % torch.empty((), dtype=info.dtype).element_size() == 0):
             return _map_tensor(self._fd(info.file), info)
         if pin:
