@@ -209,33 +209,43 @@ def st_floor(inputs, out_dir):
     return t
 
 
+def _shards(dirs):
+    for d in dirs:
+        yield from sorted(glob.glob(os.path.join(d, "*.safetensors")))
+
+
+def _write_new(path, mv, out_bytes) -> int:
+    """``out_bytes`` written to a new file at ``path`` from the reused buffer ``mv``; its open fd."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    off = 0
+    while off < out_bytes:
+        off += os.pwrite(fd, mv[:min(len(mv), out_bytes - off)], off)
+    return fd
+
+
 def io_floor(dirs, out_bytes, out_dir, *, chunk=64 << 20):
     """The I/O floor of a merge: (seconds to read every byte of the input shards in ``dirs`` and
     write ``out_bytes`` to a new file, no fsync; seconds to fsync that file). Reads are ``pread``
     into one reused buffer and the write is ``pwrite`` from it (no allocation, no page faults of
-    fresh memory, no parsing): what any engine must at least do with a warm page cache."""
+    fresh memory, no parsing): what any engine that copies its inputs must at least do with a warm
+    page cache."""
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
-    buf = bytearray(chunk)
-    mv = memoryview(buf)
+    mv = memoryview(bytearray(chunk))
     t0 = time.perf_counter()
-    for d in dirs:
-        for fp in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
-            fd = os.open(fp, os.O_RDONLY)
-            try:
-                off = 0
-                while True:
-                    k = os.preadv(fd, [mv], off)
-                    if k <= 0:
-                        break
-                    off += k
-            finally:
-                os.close(fd)
-    fd = os.open(os.path.join(out_dir, "out.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for fp in _shards(dirs):
+        fd = os.open(fp, os.O_RDONLY)
+        try:
+            off = 0
+            while True:
+                k = os.preadv(fd, [mv], off)
+                if k <= 0:
+                    break
+                off += k
+        finally:
+            os.close(fd)
+    fd = _write_new(os.path.join(out_dir, "out.bin"), mv, out_bytes)
     try:
-        off = 0
-        while off < out_bytes:
-            off += os.pwrite(fd, mv[:min(chunk, out_bytes - off)], off)
         t = time.perf_counter() - t0
         t1 = time.perf_counter()
         os.fsync(fd)
@@ -258,26 +268,18 @@ def mapped_floor(dirs, out_bytes, out_dir, *, chunk=64 << 20):
 
     shutil.rmtree(out_dir, ignore_errors=True)
     os.makedirs(out_dir)
-    buf = bytearray(chunk)
-    mv = memoryview(buf)
+    mv = memoryview(bytearray(chunk))
     t0 = time.perf_counter()
-    for d in dirs:
-        for fp in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
-            n = os.path.getsize(fp)
-            with open(fp, "rb") as f:
-                mm = mmap.mmap(f.fileno(), n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            words = torch.frombuffer(mm, dtype=torch.int64, count=n // 8)
-            int(words.sum())
-            del words
-            mm.close()
-    fd = os.open(os.path.join(out_dir, "out.bin"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        off = 0
-        while off < out_bytes:
-            off += os.pwrite(fd, mv[:min(chunk, out_bytes - off)], off)
-        t = time.perf_counter() - t0
-    finally:
-        os.close(fd)
+    for fp in _shards(dirs):
+        n = os.path.getsize(fp)
+        with open(fp, "rb") as f:
+            mm = mmap.mmap(f.fileno(), n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        words = torch.frombuffer(mm, dtype=torch.int64, count=n // 8)
+        int(words.sum())
+        del words
+        mm.close()
+    os.close(_write_new(os.path.join(out_dir, "out.bin"), mv, out_bytes))
+    t = time.perf_counter() - t0
     shutil.rmtree(out_dir, ignore_errors=True)
     return t
 
