@@ -2,7 +2,8 @@
 // (digit_hist, tie_counts, rescale_stats, merge) over raw host pointers, one pass per primitive and
 // no temporaries. The kernels are csrc/cpu/sparse_kernels.h, built three times: here for the
 // baseline target, in sparse_cpu_avx2.cpp with -mavx2 and in sparse_cpu_avx512.cpp with AVX-512;
-// the widest table the CPU runs is bound (same source, same bits). Element logic is shared with the CUDA kernels (csrc/sparse_elem.h).
+// the widest table the CPU runs is bound (same source, same bits). Element logic is shared with
+// the CUDA kernels (csrc/sparse_elem.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <omp.h>

@@ -15,10 +15,10 @@ fresh buffers were a third of the CPU time of a 125M-parameter bf16 linear merge
 mapping took it from 0.37-0.40 to 0.29-0.35 s and TIES from 1.13-1.15 to 0.85-0.86 s (medians,
 alternating processes; the run after is ``benchmarks/results/checkpoint_cpu.md``). Smaller
 tensors, page-locked reads for CUDA (``pin``), tensors whose offset is not a multiple of their
-element size, and systems without ``mmap.MAP_PRIVATE`` are read with ``pread`` into a buffer. A shard truncated after
-:class:`Checkpoint` validated it raises :class:`CheckpointError` when the tensor is read; one
-truncated by another process *while* a mapped tensor is in use gets ``SIGBUS``, as with any
-``mmap``-based reader (safetensors' ``safe_open``, ``torch.load(mmap=True)``).
+element size, and systems without ``mmap.MAP_PRIVATE`` are read with ``pread`` into a buffer. A
+shard truncated after :class:`Checkpoint` validated it raises :class:`CheckpointError` when the
+tensor is read; one truncated by another process *while* a mapped tensor is in use gets
+``SIGBUS``, as with any ``mmap``-based reader (safetensors' ``safe_open``, ``torch.load(mmap=True)``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 from .. import _hub as hub
 from .._ext import host_tensor
 from .._pool import not_poolable
-from .format import INDEX_NAME, SINGLE_NAME, CheckpointError, TensorInfo, inside, read_header
+from .format import INDEX_NAME, SINGLE_NAME, CheckpointError, TensorInfo, inside, itemsize, read_header
 
 #: tensors of at least this many bytes are mapped copy-on-write instead of read (see the module doc);
 #: below it a mapping's system calls cost more than the copy saves
@@ -207,7 +207,7 @@ class Checkpoint(TensorSource):
         if info is None:
             raise CheckpointError(f"{self.what} {self.path}: no tensor {key!r}")
         if (_CAN_MAP and mapped and not pin and info.nbytes and info.nbytes >= MAP_MIN_BYTES
-                and info.start % torch.empty((), dtype=info.dtype).element_size() == 0):
+                and info.start % itemsize(info.dtype) == 0):
             return _map_tensor(self._fd(info.file), info)
         if pin:
             buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=True)
