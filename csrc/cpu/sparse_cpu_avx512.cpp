@@ -1,10 +1,11 @@
 // The sparse CPU kernels (csrc/cpu/sparse_kernels.h) built for AVX-512 (F, BW, VL, DQ): setup.py
 // compiles this file with those flags and -mprefer-vector-width=512 on x86-64. -ffp-contract=off,
 // as for every build, keeps each product and sum rounded on its own, so this build gives the
-// baseline's bits (tests/test_sparse_cpu_select.py compares the three builds). The explicit
-// intrinsics of sparse_tiles.h stay 256-bit; what widens is the compiler's vectorisation of the
-// tile loops, which took the merge pass from 33-36 to 25-29 ms (16M x 4, a Xeon with AVX-512,
-// alternating builds). Bound only where cpuid reports all four (sparse_cpu.cpp); elsewhere the
+// baseline's bits (tests/test_sparse_cpu_select.py compares the three builds). The compiler's
+// vectorisation of the tile loops widens, which took the merge pass from 33-36 to 25-29 ms (16M x 4,
+// a Xeon with AVX-512, alternating builds), and the Philox keep masks have a 512-bit form
+// (sparse_tiles.h random_keep_avx512: DARE's statistics pass 59-63 -> 41-45 ms); the other explicit
+// intrinsics stay 256-bit. Bound only where cpuid reports all four (sparse_cpu.cpp); elsewhere the
 // table is empty.
 #include <omp.h>
 #if defined(__AVX2__)

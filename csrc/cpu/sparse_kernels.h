@@ -45,6 +45,7 @@ void rescale_stats_impl(const In& in, const Plan& p, int norm, double* o) {
             std::fill(fa.begin(), fa.end(), 0.f);
             for (int64_t i0 = s; i0 < e; i0 += TILE) {
                 const int m = int(std::min<int64_t>(TILE, e - i0));
+                if (in.base) prefetch_tile<DT>(in.base, i0, m, n);
                 const float* bt = in.base ? base_tile<DT>(in.base, i0, m, b) : nullptr;
                 for (int64_t t0 = 0; t0 < K; t0 += 4) {
                     const int g = int(std::min<int64_t>(4, K - t0));
@@ -57,6 +58,7 @@ void rescale_stats_impl(const In& in, const Plan& p, int norm, double* o) {
                             continue;
                         }
                         const int64_t t = t0 + gi;
+                        prefetch_tile<DT>(in.xs[t], i0, m, n);
                         delta_tile<DT>(in.xs[t], i0, bt, m, d);
                         if (MODE == MODE_NONE) for (int j = 0; j < m; ++j) keep[j] = 1u;
                         else mk.keep(t, i0, m, d, keep);
@@ -152,6 +154,7 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
                 const int m = int(std::min<int64_t>(TILE, e - i0));
                 const float* bt = nullptr;
                 if (has_base) {
+                    prefetch_tile<DT>(in.base, i0, m, n);
                     bt = base_tile<DT>(in.base, i0, m, b);
                     uint32_t bb = 0;
                     for (int j = 0; j < m; ++j) bb |= nonfinite(bt[j]);
@@ -159,6 +162,7 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
                 }
                 for (int j = 0; j < m; ++j) total[j] = pos[j] = neg[j] = wpos[j] = wneg[j] = 0.f;
                 for (int64_t t = 0; t < K; ++t) {
+                    prefetch_tile<DT>(in.xs[t], i0, m, n);
                     bad[t] |= int32_t(delta_tile<DT>(in.xs[t], i0, bt, m, d));
                     if (MODE != MODE_NONE) {
                         // (keep ? d : +0) * scale, rounded: the masked delta as mergekit forms it
