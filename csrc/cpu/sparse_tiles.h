@@ -148,6 +148,15 @@ inline void uniform_tile(int64_t i0, int m, uint64_t seed, uint32_t s, float* u)
     }
 }
 
+// The low and high words of the Philox group counters q0 .. q0 + w - 1, for a vector of w
+// counters whose low word wraps inside it (random_keep_avx2 / _avx512).
+inline void group_counters(uint64_t q0, int w, uint32_t* lo, uint32_t* hi) {
+    for (int g = 0; g < w; ++g) {
+        lo[g] = uint32_t(q0 + uint64_t(g));
+        hi[g] = uint32_t((q0 + uint64_t(g)) >> 32);
+    }
+}
+
 #if defined(__AVX2__)
 // AVX2 Philox keep mask of elements i0 .. i0 + 32 * (m / 32) (i0 a multiple of 4): 8 counters per
 // vector, the 32x32 -> 64 products from two vpmuludq, then u < dens as the exact integer test
@@ -175,10 +184,7 @@ inline int random_keep_avx2(int64_t i0, int m, uint64_t seed, uint32_t s, float 
             c1 = _mm256_set1_epi32(int(uint32_t(q0 >> 32)));
         } else {   // the low word wraps inside this vector
             alignas(32) uint32_t lo8[8], hi8[8];
-            for (int g = 0; g < 8; ++g) {
-                lo8[g] = uint32_t(q0 + uint64_t(g));
-                hi8[g] = uint32_t((q0 + uint64_t(g)) >> 32);
-            }
+            group_counters(q0, 8, lo8, hi8);
             c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo8));
             c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi8));
         }
@@ -246,10 +252,7 @@ inline int random_keep_avx512(int64_t i0, int m, uint64_t seed, uint32_t s, floa
             c1 = _mm512_set1_epi32(int(uint32_t(q0 >> 32)));
         } else {   // the low word wraps inside this vector
             alignas(64) uint32_t lo16[16], hi16[16];
-            for (int g = 0; g < 16; ++g) {
-                lo16[g] = uint32_t(q0 + uint64_t(g));
-                hi16[g] = uint32_t((q0 + uint64_t(g)) >> 32);
-            }
+            group_counters(q0, 16, lo16, hi16);
             c0 = _mm512_load_si512(lo16);
             c1 = _mm512_load_si512(hi16);
         }
