@@ -1,9 +1,10 @@
-// The sparse family's CPU kernels (no pybind11): included twice, once by sparse_cpu.cpp for the
-// baseline x86-64 / aarch64 target and once by sparse_cpu_avx2.cpp compiled with -mavx2, each
-// time inside its own namespace (ww_base, ww_avx2) so the two builds never share an out-of-line
-// symbol. This file holds rescale_stats, merge and the entry-point table; sparse_tiles.h the tile
-// helpers and masks, sparse_select.h the selection kernels.
-// Both are the same source, so both give the same bits: no FMA contraction (-ffp-contract=off,
+// The sparse family's CPU kernels (no pybind11): included three times, by sparse_cpu.cpp for the
+// baseline x86-64 / aarch64 target, by sparse_cpu_avx2.cpp compiled with -mavx2 and by
+// sparse_cpu_avx512.cpp with AVX-512, each time inside its own namespace (ww_base, ww_avx2,
+// ww_avx512) so the builds never share an out-of-line symbol. This file holds rescale_stats, merge
+// and the entry-point table; sparse_tiles.h the tile helpers and masks, sparse_select.h the
+// selection kernels.
+// All are the same source, so all give the same bits: no FMA contraction (-ffp-contract=off,
 // setup.py) and only IEEE add/mul/div, whose vector forms round exactly like the scalar ones.
 //
 // Layout of every pass: a thread owns whole blocks of BLOCK elements; inside a block it works on
