@@ -4,7 +4,7 @@
 // baseline's bits (tests/test_sparse_cpu_select.py compares the three builds). The compiler's
 // vectorisation of the tile loops widens, which took the merge pass from 33-36 to 25-29 ms (16M x 4,
 // a Xeon with AVX-512, alternating builds). Two hand-written loops have 512-bit forms: the Philox
-// keep masks (sparse_tiles.h random_keep_avx512: DARE's fp32 statistics pass 59-63 -> 43-45 ms) and
+// keep masks (sparse_tiles.h random_keep_avx512: DARE's fp32 statistics pass 59-77 -> 42-45 ms) and
 // the select's bracket compaction (sparse_select.h compact_bracket); the other explicit intrinsics
 // stay 256-bit. Bound only where cpuid reports all four (sparse_cpu.cpp); elsewhere the table is empty.
 #include <omp.h>

@@ -131,9 +131,9 @@ inline __m256i bracket_width8(uint32_t width) { return _mm256_set1_epi32(int(wid
 // Appends the keys of key[0 .. m) with key - lo <= width (unsigned) to out; returns how many.
 // out must have room for m more. Same keys in the same order on every build; the AVX2 build
 // compacts 8 lanes at a time (compare, movemask, a permutation from a 256-entry table), the
-// AVX-512 build 16 (compare into a mask, vpcompressd). That took the threshold pass from 26.7 to
-// 23-25 ms (fp32), 24.9 to 22 ms (bf16) and Breadcrumbs' two-sided one from 37.5 to 30 ms (16M x 4,
-// alternating builds).
+// AVX-512 build 16 (compare into a mask, vpcompressd). That took the threshold pass from 25-27 to
+// 23-25 ms (fp32), 24-25 to 21-23 ms (bf16) and Breadcrumbs' two-sided one from 35-39 to 28-30 ms
+// (16M x 4, alternating builds, min-median of 20 calls).
 inline int compact_bracket(const uint32_t* key, int m, uint32_t lo, uint32_t width, uint32_t* out) {
     int nc = 0, j = 0;
 #if defined(__AVX2__)

@@ -92,9 +92,9 @@ inline void keys_tile(const float* d, uint32_t* key, int m) {
 // A pass walks K + 1 streams a tile (1 KB of fp32) at a time and computes between the loads; the
 // hardware prefetchers alone left its loads stalled (on a 2-vCPU Xeon the threshold pass read
 // 9.5 GB/s of a 15-18 GB/s read bandwidth, 56 % of its samples on the first load of each tile).
-// Four tiles ahead (16M x 4, alternating builds): the threshold pass 37-41 -> 30-31 ms in fp32,
-// DARE's fp32 statistics pass 68-71 -> 59-63 ms, the bf16 merge 30.6-31.0 -> 29.2-29.7 ms (fp32
-// merge and bf16 statistics unchanged); 8 tiles ahead was no better. Prefetches only hint: they
+// Four tiles ahead (16M x 4, alternating builds, min-median of 20 calls): the threshold pass
+// 36-41 -> 28-31 ms in fp32, DARE's fp32 statistics pass 67-71 -> 59-63 ms, the bf16 merge
+// 30.0-31.0 -> 27.8-29.7 ms (fp32 merge and bf16 statistics unchanged); 8 tiles ahead was no better. Prefetches only hint: they
 // never fault, and none is issued past n.
 constexpr int64_t PREFETCH = 4 * TILE;
 
