@@ -1,9 +1,18 @@
-// The sparse CPU kernels' arguments and entry points, in plain std types: the baseline build
-// (sparse_cpu.cpp) and the AVX2 build (sparse_cpu_avx2.cpp) of csrc/cpu/sparse_kernels.h each
-// fill one SparseKernels table; sparse_cpu.cpp binds the table the CPU supports.
+// The sparse CPU kernels' arguments and entry points, in plain std types: the baseline, AVX2 and
+// AVX-512 builds (sparse_cpu.cpp, sparse_cpu_avx2.cpp, sparse_cpu_avx512.cpp) of
+// csrc/cpu/sparse_kernels.h each fill one SparseKernels table; sparse_cpu.cpp binds the widest
+// table the CPU supports.
 #pragma once
 #include <cstdint>
 #include <vector>
+
+// 1 where this translation unit is compiled for the AVX-512 subsets the AVX-512 build uses (F, BW,
+// VL, DQ; setup.py), else 0: the one test every 512-bit code path is guarded by.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define WW_AVX512 1
+#else
+#define WW_AVX512 0
+#endif
 
 namespace wweight_cpu {
 

@@ -25,7 +25,7 @@
 
 #include "sparse_args.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if WW_AVX512
 namespace ww_avx512 {
 #include "sparse_kernels.h"
 }

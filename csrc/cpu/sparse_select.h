@@ -128,6 +128,14 @@ inline uint32_t bracket_mask8(__m256i k, __m256i vlo, __m256i vw) {
 inline __m256i bracket_width8(uint32_t width) { return _mm256_set1_epi32(int(width ^ 0x80000000u)); }
 #endif
 
+#if WW_AVX512
+// Bit l of the result: lane l of k satisfies k - lo <= width (unsigned), 16 lanes (vlo, vw: lo and
+// width in every lane; AVX-512 has the unsigned compare).
+inline __mmask16 bracket_mask16(__m512i k, __m512i vlo, __m512i vw) {
+    return _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, vlo), vw);
+}
+#endif
+
 // Appends the keys of key[0 .. m) with key - lo <= width (unsigned) to out; returns how many.
 // out must have room for m more. Same keys in the same order on every build; the AVX2 build
 // compacts 8 lanes at a time (compare, movemask, a permutation from a 256-entry table), the
@@ -146,13 +154,13 @@ inline int compact_bracket(const uint32_t* key, int m, uint32_t lo, uint32_t wid
         }
         return t;
     }();
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if WW_AVX512
     {   // 16 lanes: an unsigned compare into a mask and a register compress (a compress straight to
         // memory is slow on some cores), then a full-width store at out + nc
         const __m512i vlo16 = _mm512_set1_epi32(int(lo)), vw16 = _mm512_set1_epi32(int(width));
         for (; j + 16 <= m; j += 16) {
             const __m512i k = _mm512_loadu_si512(key + j);
-            const __mmask16 in = _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, vlo16), vw16);
+            const __mmask16 in = bracket_mask16(k, vlo16, vw16);
             _mm512_storeu_si512(out + nc, _mm512_maskz_compress_epi32(in, k));
             nc += __builtin_popcount(unsigned(in));
         }
@@ -179,11 +187,11 @@ inline int compact_bracket(const uint32_t* key, int m, uint32_t lo, uint32_t wid
 inline uint64_t bracket_bits(const uint32_t* key, int m, uint32_t lo, uint32_t width) {
     uint64_t bits = 0;
     int j = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if WW_AVX512
     {
         const __m512i vlo16 = _mm512_set1_epi32(int(lo)), vw16 = _mm512_set1_epi32(int(width));
         for (; j + 16 <= m; j += 16)
-            bits |= uint64_t(_mm512_cmple_epu32_mask(_mm512_sub_epi32(_mm512_loadu_si512(key + j), vlo16), vw16)) << j;
+            bits |= uint64_t(bracket_mask16(_mm512_loadu_si512(key + j), vlo16, vw16)) << j;
     }
 #endif
 #if defined(__AVX2__)

@@ -94,8 +94,8 @@ inline void keys_tile(const float* d, uint32_t* key, int m) {
 // 9.5 GB/s of a 15-18 GB/s read bandwidth, 56 % of its samples on the first load of each tile).
 // Four tiles ahead (16M x 4, alternating builds, min-median of 20 calls): the threshold pass
 // 36-41 -> 28-31 ms in fp32, DARE's fp32 statistics pass 67-71 -> 59-63 ms, the bf16 merge
-// 30.0-31.0 -> 27.8-29.7 ms (fp32 merge and bf16 statistics unchanged); 8 tiles ahead was no better. Prefetches only hint: they
-// never fault, and none is issued past n.
+// 30.0-31.0 -> 27.8-29.7 ms (fp32 merge and bf16 statistics unchanged); 8 tiles ahead was no
+// better. Prefetches only hint: they never fault, and none is issued past n.
 constexpr int64_t PREFETCH = 4 * TILE;
 
 template <int DT>
@@ -221,7 +221,7 @@ inline int random_keep_avx2(int64_t i0, int m, uint64_t seed, uint32_t s, float 
 }
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if WW_AVX512
 // The AVX-512 form of random_keep_avx2: 16 counters (64 elements) per vector. A product's high and
 // low words come from two vpmuludq and two masked in-lane shuffles (no shifts and blends), the
 // three-way xors are one vpternlogd each: about half the instructions per element, and the
@@ -398,7 +398,7 @@ struct Masker {
         if (MODE == MODE_RANDOM) {
             const float dens = p.density[t];
             int j0 = 0;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#if WW_AVX512
             j0 = random_keep_avx512(i0, m, p.seed, p.stream0 + uint32_t(t), dens, keep);
 #endif
 #if defined(__AVX2__)
