@@ -157,6 +157,32 @@ def test_every_build_gives_the_same_bits(dt, method):
             assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), isa
 
 
+@pytest.mark.skipif(len(_isas()) < 2, reason="this CPU or build has no AVX2 / AVX-512 kernels")
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method,kw", [
+    ("ties", {"lambda_": 0.7}), ("ties", {"normalize": False}), ("breadcrumbs_ties", {"gamma": 0.05}),
+    ("dare_ties", {"rescale": True}), ("breadcrumbs", {"gamma": 0.05}), ("linear", {}),
+    ("task_arithmetic", {"lambda_": 1.3}),
+])
+def test_every_build_gives_the_same_bits_with_unit_weights(dt, method, kw):
+    # the AVX-512 build's register-resident merge (csrc/cpu/sparse_merge16.h) skips the products by a
+    # weight or scale of exactly 1, counts tie ranks only in blocks a window edge falls into, and
+    # leaves a tile's last n % 32 elements to the tile loops: K = 4 on a coarse grid (cut keys that
+    # hold a tenth of the elements, edges inside the tensor), 293 blocks, a 17-element tail
+    base, xs = _inputs("ties", 300_017, dt, 4, seed=5)
+    outs = {}
+    prev = ext.sparse_use_isa("auto")
+    try:
+        for isa in _isas():
+            ext.sparse_use_isa(isa)
+            outs[isa] = wweight.merge_tensors(method, None if method == "linear" else base, xs, density=0.35,
+                                              seed=6, backend="cpu", **kw)
+    finally:
+        ext.sparse_use_isa(prev)
+    for isa in _isas()[1:]:
+        assert torch.equal(outs["baseline"].view(-1).view(torch.uint8), outs[isa].view(-1).view(torch.uint8)), isa
+
+
 def test_use_isa_rejects_unknown_names():
     with pytest.raises(ValueError, match="isa"):
         ext.sparse_use_isa("avx9000")

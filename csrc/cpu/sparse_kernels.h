@@ -16,6 +16,7 @@
 // Expects <omp.h>, <algorithm>, <cstdint>, <cstring>, <stdexcept>, <string>, <type_traits>,
 // <vector>, <cmath>, <functional> and "sparse_args.h" to be included before the enclosing namespace opens.
 #include "sparse_select.h"   // sparse_tiles.h, then the select kernels
+#include "sparse_merge16.h"  // the AVX-512 build's register-resident merge
 
 namespace sparse_cpu {
 
@@ -141,92 +142,119 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
     const float* wt = weights.data();
     const float* sc = scales.data();
     const bool has_base = in.base != nullptr;
+#if WW_AVX512
+    // whole 32-element groups of a tile go through the register-resident form (sparse_merge16.h)
+    constexpr bool kFused = fused16_dtype(DT) && fused16_dtype(RD);
+    const bool fused = kFused && !sparsify_only && (MODE != MODE_RANDOM || p.keep_bits);
+#else
+    const bool fused = false;
+#endif
 #pragma omp parallel
     {
         Masker<DT, MODE, TIES> mk(p, K);
         std::vector<int32_t> bad(static_cast<size_t>(K + 1), 0);
+        std::vector<uint32_t> badm(static_cast<size_t>(K + 1), 0u);
+#if WW_AVX512
+        std::vector<TieRun> runs(static_cast<size_t>(2 * K));
+        std::vector<TieBlock> blocks(static_cast<size_t>(K), TieBlock{0, 0, false});
+#endif
         alignas(64) float b[TILE], d[TILE], total[TILE], pos[TILE], neg[TILE], wpos[TILE], wneg[TILE];
         alignas(64) uint32_t keep[TILE];
+        // elements i0 .. i0 + m of a tile in L1 arrays, one step over the tile at a time
+        auto tile_loops = [&](int64_t i0, int m) {
+            const float* bt = nullptr;
+            if (has_base) {
+                bt = base_tile<DT>(in.base, i0, m, b);
+                uint32_t bb = 0;
+                for (int j = 0; j < m; ++j) bb |= nonfinite(bt[j]);
+                bad[K] |= int32_t(bb);
+            }
+            for (int j = 0; j < m; ++j) total[j] = pos[j] = neg[j] = wpos[j] = wneg[j] = 0.f;
+            for (int64_t t = 0; t < K; ++t) {
+                bad[t] |= int32_t(delta_tile<DT>(in.xs[t], i0, bt, m, d));
+                if (MODE != MODE_NONE) {
+                    // (keep ? d : +0) * scale, rounded: the masked delta as mergekit forms it
+                    if (MODE == MODE_RANDOM && p.keep_bits)   // the masks rescale_stats drew
+                        unpack_bits(p.keep_bits + t * p.words + (i0 >> 5), m, keep);
+                    else
+                        mk.keep(t, i0, m, d, keep);
+                    const float st = sc[t];
+                    for (int j = 0; j < m; ++j) d[j] = rnd<RD>(bits_f32(f32_bits(d[j]) & (0u - keep[j])) * st);
+                }
+                if (sparsify_only) {
+                    for (int j = 0; j < m; ++j) total[j] = d[j];
+                    continue;
+                }
+                const float w = wt[t];
+                const uint32_t bww = f32_bits(w);
+                for (int j = 0; j < m; ++j) {
+                    const float wd = rnd<RD>(d[j] * w);
+                    total[j] += wd;
+                    if (CONSENSUS) {
+                        // bit masks, not selects: the sign of wd is a coin flip. Adding +0 leaves every sum exact.
+                        const uint32_t mp = 0u - uint32_t(wd > 0.f), mn = 0u - uint32_t(wd < 0.f);
+                        const uint32_t bw = f32_bits(wd);
+                        pos[j] += bits_f32(bw & mp);
+                        neg[j] += bits_f32(bw & mn);
+                        wpos[j] += bits_f32(bww & mp);
+                        wneg[j] += bits_f32(bww & mn);
+                    }
+                }
+            }
+            if (sparsify_only) {
+                store_tile<DT>(out, i0, m, total);
+                return;
+            }
+            // finish (csrc/sparse_elem.h) step by step over the tile, so each step vectorises:
+            // the elected (or plain) sum and divisor, the division, lambda, + base, the store
+            float* mixed = total;
+            float* div = pos;
+            if (CONSENSUS) {
+                for (int j = 0; j < m; ++j) {
+                    const bool up = total[j] >= 0.f;
+                    const float mx = rnd<RD>(up ? pos[j] : neg[j]);
+                    const float dv = rnd<RD>(up ? wpos[j] : wneg[j]);
+                    mixed[j] = mx;
+                    div[j] = dv == 0.f ? 1.f : dv;
+                }
+            } else {
+                for (int j = 0; j < m; ++j) {
+                    mixed[j] = rnd<RD>(total[j]);
+                    div[j] = divisor_nc;
+                }
+            }
+            if (normalize)
+                for (int j = 0; j < m; ++j) mixed[j] = rnd<RD>(mixed[j] / div[j]);
+            if (apply_lambda)
+                for (int j = 0; j < m; ++j) mixed[j] = rnd<RD>(mixed[j] * lam);
+            if (has_base)
+                for (int j = 0; j < m; ++j) mixed[j] = bt[j] + mixed[j];
+            else
+                for (int j = 0; j < m; ++j) mixed[j] = 0.f + mixed[j];
+            store_tile<DT>(out, i0, m, mixed);
+        };
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
             const int64_t s = blk * BLOCK, e = std::min(n, s + BLOCK);
             mk.start_block(blk);
+#if WW_AVX512
+            if (TIES && fused)
+                for (int64_t t = 0; t < K; ++t) blocks[t] = tie_block(p, mk.win[t], mk.lo32[t], mk.hi32[t], t, blk);
+#endif
             for (int64_t i0 = s; i0 < e; i0 += TILE) {
                 const int m = int(std::min<int64_t>(TILE, e - i0));
-                const float* bt = nullptr;
-                if (has_base) {
-                    prefetch_tile<DT>(in.base, i0, m, n);
-                    bt = base_tile<DT>(in.base, i0, m, b);
-                    uint32_t bb = 0;
-                    for (int j = 0; j < m; ++j) bb |= nonfinite(bt[j]);
-                    bad[K] |= int32_t(bb);
-                }
-                for (int j = 0; j < m; ++j) total[j] = pos[j] = neg[j] = wpos[j] = wneg[j] = 0.f;
-                for (int64_t t = 0; t < K; ++t) {
-                    prefetch_tile<DT>(in.xs[t], i0, m, n);
-                    bad[t] |= int32_t(delta_tile<DT>(in.xs[t], i0, bt, m, d));
-                    if (MODE != MODE_NONE) {
-                        // (keep ? d : +0) * scale, rounded: the masked delta as mergekit forms it
-                        if (MODE == MODE_RANDOM && p.keep_bits)   // the masks rescale_stats drew
-                            unpack_bits(p.keep_bits + t * p.words + (i0 >> 5), m, keep);
-                        else
-                            mk.keep(t, i0, m, d, keep);
-                        const float st = sc[t];
-                        for (int j = 0; j < m; ++j) d[j] = rnd<RD>(bits_f32(f32_bits(d[j]) & (0u - keep[j])) * st);
-                    }
-                    if (sparsify_only) {
-                        for (int j = 0; j < m; ++j) total[j] = d[j];
-                        continue;
-                    }
-                    const float w = wt[t];
-                    const uint32_t bww = f32_bits(w);
-                    for (int j = 0; j < m; ++j) {
-                        const float wd = rnd<RD>(d[j] * w);
-                        total[j] += wd;
-                        if (CONSENSUS) {
-                            // bit masks, not selects: the sign of wd is a coin flip. Adding +0 leaves every sum exact.
-                            const uint32_t mp = 0u - uint32_t(wd > 0.f), mn = 0u - uint32_t(wd < 0.f);
-                            const uint32_t bw = f32_bits(wd);
-                            pos[j] += bits_f32(bw & mp);
-                            neg[j] += bits_f32(bw & mn);
-                            wpos[j] += bits_f32(bww & mp);
-                            wneg[j] += bits_f32(bww & mn);
-                        }
-                    }
-                }
-                if (sparsify_only) {
-                    store_tile<DT>(out, i0, m, total);
-                    continue;
-                }
-                // finish (csrc/sparse_elem.h) step by step over the tile, so each step vectorises:
-                // the elected (or plain) sum and divisor, the division, lambda, + base, the store
-                float* mixed = total;
-                float* div = pos;
-                if (CONSENSUS) {
-                    for (int j = 0; j < m; ++j) {
-                        const bool up = total[j] >= 0.f;
-                        const float mx = rnd<RD>(up ? pos[j] : neg[j]);
-                        const float dv = rnd<RD>(up ? wpos[j] : wneg[j]);
-                        mixed[j] = mx;
-                        div[j] = dv == 0.f ? 1.f : dv;
-                    }
-                } else {
-                    for (int j = 0; j < m; ++j) {
-                        mixed[j] = rnd<RD>(total[j]);
-                        div[j] = divisor_nc;
-                    }
-                }
-                if (normalize)
-                    for (int j = 0; j < m; ++j) mixed[j] = rnd<RD>(mixed[j] / div[j]);
-                if (apply_lambda)
-                    for (int j = 0; j < m; ++j) mixed[j] = rnd<RD>(mixed[j] * lam);
-                if (has_base)
-                    for (int j = 0; j < m; ++j) mixed[j] = bt[j] + mixed[j];
-                else
-                    for (int j = 0; j < m; ++j) mixed[j] = 0.f + mixed[j];
-                store_tile<DT>(out, i0, m, mixed);
+                if (has_base) prefetch_tile<DT>(in.base, i0, m, n);
+                for (int64_t t = 0; t < K; ++t) prefetch_tile<DT>(in.xs[t], i0, m, n);
+                const int m32 = fused ? m & ~31 : 0;
+#if WW_AVX512
+                if (kFused && m32)
+                    merge_tile16<DT, RD, MODE, TIES, CONSENSUS>(in, out, p, mk, wt, sc, lam, divisor_nc, normalize, i0,
+                                                                m32, badm.data(), runs.data(), blocks.data());
+#endif
+                if (m32 < m) tile_loops(i0 + m32, m - m32);
             }
         }
+        for (int64_t t = 0; t <= K; ++t) bad[t] |= int32_t(badm[t] != 0u);
 #pragma omp critical
         for (int64_t t = 0; t <= K; ++t) flags[t] |= bad[t];
     }
