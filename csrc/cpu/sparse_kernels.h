@@ -247,9 +247,10 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
                 for (int64_t t = 0; t < K; ++t) prefetch_tile<DT>(in.xs[t], i0, m, n);
                 const int m32 = fused ? m & ~31 : 0;
 #if WW_AVX512
-                if (kFused && m32)
-                    merge_tile16<DT, RD, MODE, TIES, CONSENSUS>(in, out, p, mk, wt, sc, lam, divisor_nc, normalize, i0,
-                                                                m32, badm.data(), runs.data(), blocks.data());
+                if constexpr (kFused)
+                    if (m32)
+                        merge_tile16<DT, RD, MODE, TIES, CONSENSUS>(in, out, p, mk, wt, sc, lam, divisor_nc, normalize,
+                                                                    i0, m32, badm.data(), runs.data(), blocks.data());
 #endif
                 if (m32 < m) tile_loops(i0 + m32, m - m32);
             }

@@ -9,8 +9,9 @@
 // sum and rounding the one of merge_impl (no FMA: -ffp-contract=off), so the same bits; the
 // bf16 rounding is mergekit's integer round-to-nearest-even (sparse_elem.h f32_to_bf16), not
 // vcvtneps2bf16 (which flushes subnormals). Two products are skipped where they are exact
-// identities: (d * 1) for a scale or weight of exactly 1 (d is finite and already rounded to
-// the working dtype, so rnd(d * 1) == d, signed zeros included).
+// identities: (d * 1) for a scale or weight of exactly 1 (d is already rounded to the working
+// dtype, so rnd(d * 1) == d for every finite d, signed zeros included; a non-finite input makes
+// the op raise, so no output made from one is returned).
 // Used for float32 and bfloat16 data (fp16's rounding stays in merge_impl's loops) on whole
 // groups of 32 elements, so a DARE keep mask is half of one 32-bit word of the plan's keep_bits.
 // Included by sparse_kernels.h inside the build's namespace, after sparse_tiles.h.

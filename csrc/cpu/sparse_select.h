@@ -182,27 +182,6 @@ inline int compact_bracket(const uint32_t* key, int m, uint32_t lo, uint32_t wid
     return nc;
 }
 
-// Bit j of the result: key[j] - lo <= width (unsigned), for j < m <= 64; the same bits on every
-// build (AVX2: compare and movemask 8 lanes at a time; AVX-512: 16 lanes into a mask).
-inline uint64_t bracket_bits(const uint32_t* key, int m, uint32_t lo, uint32_t width) {
-    uint64_t bits = 0;
-    int j = 0;
-#if WW_AVX512
-    {
-        const __m512i vlo16 = _mm512_set1_epi32(int(lo)), vw16 = _mm512_set1_epi32(int(width));
-        for (; j + 16 <= m; j += 16)
-            bits |= uint64_t(bracket_mask16(_mm512_loadu_si512(key + j), vlo16, vw16)) << j;
-    }
-#endif
-#if defined(__AVX2__)
-    const __m256i vlo = _mm256_set1_epi32(int(lo)), vw = bracket_width8(width);
-    for (; j + 8 <= m; j += 8)
-        bits |= uint64_t(bracket_mask8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + j)), vlo, vw)) << j;
-#endif
-    for (; j < m; ++j) bits |= uint64_t(key[j] - lo <= width) << j;
-    return bits;
-}
-
 template <int DT>
 void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::vector<int64_t>& ks, int64_t* res,
                  int64_t* ties) {
@@ -281,7 +260,9 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
         std::vector<int64_t> used(Q, 0), my_above(Q, 0);
         std::vector<uint8_t> full(Q, 0);
         alignas(64) float b[TILE], d[TILE];
-        alignas(64) uint32_t key[TILE];
+        alignas(64) uint32_t key[TILE], inside[TILE];
+        // scatter counts of the current block, 4 interleaved copies per query (see below)
+        std::vector<uint32_t> c4(size_t(Q) * 4 * SCATTER, 0u);
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
             block_keys<DT>(in, models, blk, b, d, key, [&](int64_t mi, int m, const uint32_t* key) {
@@ -306,16 +287,21 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
                         if (narrow[q] == 2) {
                             // < SCATTER keys: 64-lane masks of the lanes inside the bracket, one
                             // increment per such lane (lowest bit first)
-                            uint16_t* bc = narrow_counts[q].data() + size_t(blk) * (hi - lo + 1);
-                            for (int j0 = 0; j0 < m; j0 += 64) {
-                                const int mm = std::min(64, m - j0);
-                                uint64_t bits = bracket_bits(key + j0, mm, lo, hi - lo);
-                                while (bits) {
-                                    const int j = j0 + __builtin_ctzll(bits);
-                                    bits &= bits - 1;
-                                    ++bc[key[j] - lo];
-                                }
+                            // The lanes inside are compacted first (the tile's keys in element order), then
+                            // counted in a loop of known length: a walk of 64-lane bit masks ended in a
+                            // mispredicted branch per mask. Consecutive lanes go to 4 copies of the counts, so
+                            // a run of one key (the cut's tie group) is 4 chains of increments, not one;
+                            // the copies are summed into the block's counts after its last tile.
+                            const int nc = compact_bracket(key, m, lo, hi - lo, inside);
+                            uint32_t* c = c4.data() + size_t(q) * 4 * SCATTER;
+                            int i = 0;
+                            for (; i + 4 <= nc; i += 4) {
+                                ++c[inside[i] - lo];
+                                ++c[SCATTER + inside[i + 1] - lo];
+                                ++c[2 * SCATTER + inside[i + 2] - lo];
+                                ++c[3 * SCATTER + inside[i + 3] - lo];
                             }
+                            for (; i < nc; ++i) ++c[inside[i] - lo];
                             continue;
                         }
                         if (full[q]) continue;                       // overflowed: the radix passes answer q
@@ -329,6 +315,16 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
                         per_block[size_t(q * nblocks + blk)] += uint32_t(nc);
                     }
             });
+            for (int64_t q = 0; q < Q; ++q) {
+                if (narrow[q] != 2) continue;
+                const uint32_t W = khi[q] - klo[q] + 1;
+                uint16_t* bc = narrow_counts[q].data() + size_t(blk) * W;
+                uint32_t* c = c4.data() + size_t(q) * 4 * SCATTER;
+                for (uint32_t v = 0; v < W; ++v) {
+                    bc[v] = uint16_t(c[v] + c[SCATTER + v] + c[2 * SCATTER + v] + c[3 * SCATTER + v]);
+                    c[v] = c[SCATTER + v] = c[2 * SCATTER + v] = c[3 * SCATTER + v] = 0u;
+                }
+            }
         }
         for (int64_t q = 0; q < Q; ++q) mine[q].resize(size_t(used[q]));
 #pragma omp critical
