@@ -285,8 +285,7 @@ void select_keys(const In& in, const std::vector<int64_t>& qmodel, const std::ve
                             continue;
                         }
                         if (narrow[q] == 2) {
-                            // < SCATTER keys: 64-lane masks of the lanes inside the bracket, one
-                            // increment per such lane (lowest bit first)
+                            // < SCATTER keys: one increment per lane inside the bracket.
                             // The lanes inside are compacted first (the tile's keys in element order), then
                             // counted in a loop of known length: a walk of 64-lane bit masks ended in a
                             // mispredicted branch per mask. Consecutive lanes go to 4 copies of the counts, so
