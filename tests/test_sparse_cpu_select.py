@@ -302,3 +302,25 @@ def test_select_few_key_bracket_against_sort(dt):
         B = P.BLOCK
         eq = torch.nn.functional.pad((keys == kth).to(torch.int64), (0, (-n) % B)).view(-1, B).sum(1)
         assert torch.equal(ties[q], eq), q
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs_ties"])
+def test_a_nonfinite_lane_anywhere_names_its_input(dt, method):
+    # the AVX-512 merge tests a tile's inputs for NaN / inf as one mask and finds the input again
+    # only when it fires: the error must still name the right tensor, wherever the lane lies
+    n = 3000
+    kw = {"linear": {}, "task_arithmetic": {}, "ties": dict(density=0.5), "dare_ties": dict(density=0.5, seed=0),
+          "breadcrumbs_ties": dict(density=0.5, gamma=0.01)}[method]
+    for pos in (5, 1234, n - 1):
+        base = torch.randn(n).to(dt)
+        good = (base.float() + 1).to(dt)
+        bad = good.clone()
+        bad[pos] = float("inf")
+        with pytest.raises(ValueError, match=r"tensors\[1\]"):
+            wweight.merge_tensors(method, base, [good, bad], backend="cpu", **kw)
+        if method != "linear":
+            nb = base.clone()
+            nb[pos] = float("nan")
+            with pytest.raises(ValueError, match="base"):
+                wweight.merge_tensors(method, nb, [good, good], backend="cpu", **kw)

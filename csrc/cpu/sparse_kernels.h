@@ -145,7 +145,9 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
 #if WW_AVX512
     // whole 32-element groups of a tile go through the register-resident form (sparse_merge16.h)
     constexpr bool kFused = fused16_dtype(DT) && fused16_dtype(RD);
-    const bool fused = kFused && !sparsify_only && (MODE != MODE_RANDOM || p.keep_bits);
+    bool finite_ws = true;   // merge_tile16 leaves a dropped lane's product out of the sums: +-0 only if finite
+    for (int64_t t = 0; t < K; ++t) finite_ws = finite_ws && std::isfinite(wt[t]) && std::isfinite(sc[t]);
+    const bool fused = kFused && !sparsify_only && (MODE != MODE_RANDOM || p.keep_bits) && finite_ws;
 #else
     const bool fused = false;
 #endif
@@ -156,7 +158,7 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
         std::vector<uint32_t> badm(static_cast<size_t>(K + 1), 0u);
 #if WW_AVX512
         std::vector<TieRun> runs(static_cast<size_t>(2 * K));
-        std::vector<TieBlock> blocks(static_cast<size_t>(K), TieBlock{0, 0, false});
+        std::vector<TieBlock> blocks(static_cast<size_t>(K), TieBlock{0, 0, false, 0, 0, 0, 0});
 #endif
         alignas(64) float b[TILE], d[TILE], total[TILE], pos[TILE], neg[TILE], wpos[TILE], wneg[TILE];
         alignas(64) uint32_t keep[TILE];
@@ -238,8 +240,9 @@ void merge_impl(const In& in, void* out, const Plan& p, const std::vector<float>
             const int64_t s = blk * BLOCK, e = std::min(n, s + BLOCK);
             mk.start_block(blk);
 #if WW_AVX512
-            if (TIES && fused)
-                for (int64_t t = 0; t < K; ++t) blocks[t] = tie_block(p, mk.win[t], mk.lo32[t], mk.hi32[t], t, blk);
+            if (MODE == MODE_WINDOW && fused)
+                for (int64_t t = 0; t < K; ++t)
+                    blocks[t] = tie_block<DT, TIES>(p, mk.win[t], mk.lo32[t], mk.hi32[t], t, blk);
 #endif
             for (int64_t i0 = s; i0 < e; i0 += TILE) {
                 const int m = int(std::min<int64_t>(TILE, e - i0));

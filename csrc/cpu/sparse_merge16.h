@@ -2,8 +2,9 @@
 // time with every accumulator in a register. The tile loops of merge_impl go through L1 arrays:
 // each step over the K models loads and stores the delta, the keep mask and the five sums of
 // mergekit's sign election (total, pos, neg, wpos, wneg), and the bf16 roundings are separate
-// loops (bf16 TIES merge pass, 16M x 4: 26-28 ms there, 19 ms here; DARE 23 -> 17 ms). Here one 16-lane
-// chunk of the output is finished before the next starts: per model one load, the delta, its key
+// loops (bf16 TIES merge pass, 16M x 4: 26-28 ms there, 19 ms here, 16.7 ms with the masked adds,
+// 4-instruction rounding, one-AND keys and one-instruction non-finite test below; DARE 23 -> 15-17
+// ms). Here one 16-lane chunk of the output is finished before the next starts: per model one load, the delta, its key
 // and keep mask as a k-register, and the sums in zmm registers; then the election, division,
 // lambda, base and the store. Same operations in the same order on every element, each product,
 // sum and rounding the one of merge_impl (no FMA: -ffp-contract=off), so the same bits; the
@@ -33,13 +34,15 @@ inline __m512 load16(const void* p, int64_t i) {
 }
 
 // rnd<RD> (csrc/sparse_elem.h) on 16 lanes: identity for float32; bfloat16 keeps the upper half
-// of u + 0x7FFF + ((u >> 16) & 1), the integer round to nearest even of f32_to_bf16
+// of u + 0x7FFF + ((u >> 16) & 1), the integer round to nearest even of f32_to_bf16 (the low bit
+// of the upper half as a lane mask: 4 instructions, not 5)
 template <int RD>
 inline __m512 rnd16(__m512 v) {
     if (RD == F32) return v;
     const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+    const __mmask16 odd = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000));
+    __m512i r = _mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF));
+    r = _mm512_mask_add_epi32(r, odd, r, _mm512_set1_epi32(1));
     return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000u))));
 }
 
@@ -47,6 +50,10 @@ inline uint32_t nonfinite16(__m512 v) {
     const __m512i e = _mm512_set1_epi32(0x7F800000);
     return _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), e), e);
 }
+
+// NaN or +-inf lanes in one instruction (vfpclassps: QNaN 0x01 | +inf 0x08 | -inf 0x10 | SNaN 0x80),
+// the same lanes as nonfinite16
+inline __mmask16 nonfinite_class16(__m512 v) { return _mm512_fpclass_ps_mask(v, 0x99); }
 
 // store_tile<DT> (sparse_tiles.h) of 16 lanes
 template <int DT>
@@ -60,12 +67,22 @@ inline void store16(void* out, int64_t i, __m512 v) {
     }
 }
 
-// keys_tile<DT> of 16 lanes: the magnitude bits of the delta
+// keys_tile<DT> of 16 lanes in the key scale of this file: the magnitude bits of the delta. A
+// bfloat16 delta is rounded (its low 16 bits are 0), so its key is kept in place, key << 16, one
+// AND instead of a shift and an AND; key_scale maps the plan's keys and cuts to that scale.
 template <int DT>
 inline __m512i key16(__m512 d) {
     const __m512i u = _mm512_castps_si512(d);
-    if (DT == F32) return _mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF));
-    return _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x7FFF));
+    return _mm512_and_si512(u, _mm512_set1_epi32(DT == F32 ? 0x7FFFFFFF : 0x7FFF0000));
+}
+
+// A cut c of 16-bit keys in the scale of key16: for every 16-bit key k, k < c, k > c and k == c
+// keep their truth values for (k << 16) against key_scale(c). Cuts range over [-2, INT32_MAX]
+// (clamp_key, tie_block's lo - 1 and hi + 1); k << 16 is at most 0x7FFF0000.
+template <int DT>
+inline int32_t key_scale(int32_t c) {
+    if (DT == F32) return c;
+    return c > 0x7FFF ? INT32_MAX : int32_t(int64_t(c) * 65536);
 }
 
 // The stable tie ranks of one model's two cut keys (TIES windows) over a tile: the rank of the next
@@ -93,20 +110,33 @@ struct TieRun {
 // hi + 1 that fits (the clamped BIG key). A cut whose window ignores ranks ([0, 0) or [0, BIG),
 // plan.py _window) has zero offsets and is one-sided in every block.
 struct TieBlock {
-    int32_t lo, hi;
+    int32_t lo, hi;   // the one-sided bounds (16-bit keys: the plan's scale)
     bool one_side;
+    int32_t klo, khi, wlo, whi;   // lo, hi and the Masker's lo32, hi32 of the model in key16's scale
 };
 
+template <int DT>
+inline TieBlock scaled_block(TieBlock tb, int32_t lo32, int32_t hi32) {
+    tb.klo = key_scale<DT>(tb.lo);
+    tb.khi = key_scale<DT>(tb.hi);
+    tb.wlo = key_scale<DT>(lo32);
+    tb.whi = key_scale<DT>(hi32);
+    return tb;
+}
+
+// blk's TieBlock of model t; a window without ties (Breadcrumbs) is never one-sided: its cut keys
+// are kept or dropped by keq_lo / keq_hi
+template <int DT, bool TIES>
 inline TieBlock tie_block(const Plan& p, const Window& w, int32_t lo32, int32_t hi32, int64_t t, int64_t blk) {
-    TieBlock tb{lo32, hi32, false};
-    if (blk + 1 >= p.nblocks || lo32 >= hi32) return tb;
+    const TieBlock two{lo32, hi32, false, 0, 0, 0, 0};
+    if (!TIES || blk + 1 >= p.nblocks || lo32 >= hi32) return scaled_block<DT>(two, lo32, hi32);
     const int64_t* rl = p.ties + (t * 2 + 0) * p.nblocks + blk;
     const int64_t* rh = p.ties + (t * 2 + 1) * p.nblocks + blk;
     auto side = [](int64_t r0, int64_t r1, int64_t a, int64_t b) { return r1 <= a || r0 >= b || (r0 >= a && r1 <= b); };
-    if (!side(rl[0], rl[1], w.a, w.b) || !side(rh[0], rh[1], w.c, w.e)) return tb;
+    if (!side(rl[0], rl[1], w.a, w.b) || !side(rh[0], rh[1], w.c, w.e)) return scaled_block<DT>(two, lo32, hi32);
     const bool in_lo = rl[0] >= w.a && rl[0] < w.b, in_hi = rh[0] >= w.c && rh[0] < w.e;
-    if (in_hi && hi32 == INT32_MAX) return tb;
-    return TieBlock{lo32 - int32_t(in_lo), hi32 + int32_t(in_hi), true};
+    if (in_hi && hi32 == INT32_MAX) return scaled_block<DT>(two, lo32, hi32);
+    return scaled_block<DT>(TieBlock{lo32 - int32_t(in_lo), hi32 + int32_t(in_hi), true, 0, 0, 0, 0}, lo32, hi32);
 }
 
 // The walk of Masker::keep over the lanes el | eh of one chunk (keys in key), in element order.
@@ -126,14 +156,15 @@ inline uint32_t tie_walk16(const Window& w, TieRun& lo, TieRun& hi, uint32_t el,
     return keep;
 }
 
-// The keep bits of one model's 16 keys k in a window mode (Masker::keep on 16 lanes).
-template <bool TIES, typename M>
+// The keep bits of one model's 16 keys k (key16's scale) in a window mode (Masker::keep on 16 lanes).
+template <int DT, bool TIES, typename M>
 inline uint32_t window_keep16(M& mk, int64_t t, __m512i k, TieRun* runs, const TieBlock* blocks) {
-    if (TIES && blocks[t].one_side) {   // the block's ties all kept or all dropped: no ranks
-        const __m512i lo = _mm512_set1_epi32(blocks[t].lo), hi = _mm512_set1_epi32(blocks[t].hi);
+    const TieBlock& tb = blocks[t];
+    if (TIES && tb.one_side) {   // the block's ties all kept or all dropped: no ranks
+        const __m512i lo = _mm512_set1_epi32(tb.klo), hi = _mm512_set1_epi32(tb.khi);
         return _mm512_mask_cmplt_epi32_mask(_mm512_cmpgt_epi32_mask(k, lo), k, hi);
     }
-    const __m512i lo = _mm512_set1_epi32(mk.lo32[t]), hi = _mm512_set1_epi32(mk.hi32[t]);
+    const __m512i lo = _mm512_set1_epi32(tb.wlo), hi = _mm512_set1_epi32(tb.whi);
     const uint32_t in = _mm512_mask_cmplt_epi32_mask(_mm512_cmpgt_epi32_mask(k, lo), k, hi);
     const uint32_t el = _mm512_cmpeq_epi32_mask(k, lo), eh = _mm512_cmpeq_epi32_mask(k, hi);
     if (!TIES) return in | (mk.keq_lo[t] ? el : 0u) | (mk.keq_hi[t] ? eh : 0u);
@@ -144,14 +175,17 @@ inline uint32_t window_keep16(M& mk, int64_t t, __m512i k, TieRun* runs, const T
         hr.rank = rh;
         return in | (el & lr.in) | (eh & hr.in);
     }
-    alignas(64) int32_t key[16];
-    _mm512_store_si512(key, k);
+    alignas(64) int32_t key[16];   // the plan's scale, as window_keep compares
+    _mm512_store_si512(key, DT == F32 ? k : _mm512_srli_epi32(k, 16));
     return in | tie_walk16(mk.win[t], lr, hr, el, eh, key);
 }
 
 // Elements i0 .. i0 + m of one tile (m a multiple of 32), in element order per model, so the
 // Masker's tie ranks advance exactly as in merge_impl's loops. badm[t] / badm[K]: the OR of the
 // non-finite lane masks of model t / the base. DARE (MODE_RANDOM) reads the plan's keep_bits.
+// Needs finite weights and scales (merge_impl checks): then a dropped lane's product is +-0, which
+// leaves every sum as it is (no sum is ever -0: each starts at +0, and x + y is -0 only when both
+// are), so the sums take the kept lanes by masked adds instead of adding masked values.
 template <int DT, int RD, int MODE, bool TIES, bool CONSENSUS>
 inline void merge_tile16(const In& in, void* out, const Plan& p, Masker<DT, MODE, TIES>& mk, const float* wt,
                          const float* sc, float lam, float divisor_nc, bool normalize, int64_t i0, int m,
@@ -165,40 +199,39 @@ inline void merge_tile16(const In& in, void* out, const Plan& p, Masker<DT, MODE
         }
     const bool has_base = in.base != nullptr, apply_lambda = lam != 1.f;
     const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+    __mmask16 bad = 0;   // any non-finite input lane of the tile; which one is found again below
     for (int j = 0; j < m; j += 16) {
         const int64_t i = i0 + j;
         __m512 b = zero;
         if (has_base) {
             b = load16<DT>(in.base, i);
-            badm[K] |= nonfinite16(b);
+            bad |= nonfinite_class16(b);
         }
         __m512 total = zero, pos = zero, neg = zero, wpos = zero, wneg = zero;
         for (int64_t t = 0; t < K; ++t) {
             const __m512 v = load16<DT>(in.xs[t], i);
-            badm[t] |= nonfinite16(v);
-            __m512 d = has_base ? rnd16<DT>(_mm512_sub_ps(v, b)) : v;
+            bad |= nonfinite_class16(v);
+            __m512 wd = has_base ? rnd16<DT>(_mm512_sub_ps(v, b)) : v;
+            __mmask16 keep = 0xFFFF;
             if (MODE != MODE_NONE) {
-                uint32_t keep;
-                if (MODE == MODE_RANDOM) {
-                    keep = (p.keep_bits[t * p.words + (i >> 5)] >> (i & 31)) & 0xFFFFu;
-                } else {
-                    keep = window_keep16<TIES>(mk, t, key16<DT>(d), runs, blocks);
-                }
-                // (keep ? d : +0) * scale, rounded
-                d = _mm512_maskz_mov_ps(__mmask16(keep), d);
-                if (sc[t] != 1.f) d = rnd16<RD>(_mm512_mul_ps(d, _mm512_set1_ps(sc[t])));
+                if (MODE == MODE_RANDOM)
+                    keep = __mmask16((p.keep_bits[t * p.words + (i >> 5)] >> (i & 31)) & 0xFFFFu);
+                else
+                    keep = __mmask16(window_keep16<DT, TIES>(mk, t, key16<DT>(wd), runs, blocks));
+                // rnd(d * scale) on every lane: a dropped lane's is +-0 and is not added
+                if (sc[t] != 1.f) wd = rnd16<RD>(_mm512_mul_ps(wd, _mm512_set1_ps(sc[t])));
             }
             const float w = wt[t];
             const __m512 vw = _mm512_set1_ps(w);
-            const __m512 wd = w == 1.f ? d : rnd16<RD>(_mm512_mul_ps(d, vw));
-            total = _mm512_add_ps(total, wd);
-            if (CONSENSUS) {   // adding +0 where the sign does not match, as merge_impl
-                const __mmask16 mp = _mm512_cmp_ps_mask(wd, zero, _CMP_GT_OQ);
-                const __mmask16 mn = _mm512_cmp_ps_mask(wd, zero, _CMP_LT_OQ);
-                pos = _mm512_add_ps(pos, _mm512_maskz_mov_ps(mp, wd));
-                neg = _mm512_add_ps(neg, _mm512_maskz_mov_ps(mn, wd));
-                wpos = _mm512_add_ps(wpos, _mm512_maskz_mov_ps(mp, vw));
-                wneg = _mm512_add_ps(wneg, _mm512_maskz_mov_ps(mn, vw));
+            if (w != 1.f) wd = rnd16<RD>(_mm512_mul_ps(wd, vw));
+            total = _mm512_mask_add_ps(total, keep, total, wd);
+            if (CONSENSUS) {   // the kept lanes of each sign
+                const __mmask16 mp = _mm512_mask_cmp_ps_mask(keep, wd, zero, _CMP_GT_OQ);
+                const __mmask16 mn = _mm512_mask_cmp_ps_mask(keep, wd, zero, _CMP_LT_OQ);
+                pos = _mm512_mask_add_ps(pos, mp, pos, wd);
+                neg = _mm512_mask_add_ps(neg, mn, neg, wd);
+                wpos = _mm512_mask_add_ps(wpos, mp, wpos, vw);
+                wneg = _mm512_mask_add_ps(wneg, mn, wneg, vw);
             }
         }
         __m512 mixed, div;
@@ -215,6 +248,11 @@ inline void merge_tile16(const In& in, void* out, const Plan& p, Masker<DT, MODE
         if (apply_lambda) mixed = rnd16<RD>(_mm512_mul_ps(mixed, _mm512_set1_ps(lam)));
         store16<DT>(out, i, _mm512_add_ps(b, mixed));   // b is +0 without a base: 0.f + mixed
     }
+    if (bad)   // rare: which inputs hold the non-finite lanes
+        for (int j = 0; j < m; j += 16) {
+            if (has_base) badm[K] |= nonfinite16(load16<DT>(in.base, i0 + j));
+            for (int64_t t = 0; t < K; ++t) badm[t] |= nonfinite16(load16<DT>(in.xs[t], i0 + j));
+        }
     if (TIES)
         for (int64_t t = 0; t < K; ++t) {
             mk.r_lo[t] = runs[2 * t].rank;
