@@ -17,6 +17,7 @@
 // <vector>, <cmath>, <functional> and "sparse_args.h" to be included before the enclosing namespace opens.
 #include "sparse_select.h"   // sparse_tiles.h, then the select kernels
 #include "sparse_merge16.h"  // the AVX-512 build's register-resident merge
+#include "sparse_stats16.h"  // the AVX-512 build's lane-parallel DARE statistics
 
 namespace sparse_cpu {
 
@@ -39,8 +40,25 @@ void rescale_stats_impl(const In& in, const Plan& p, int norm, double* o) {
         std::vector<float> fb(static_cast<size_t>(K)), fa(static_cast<size_t>(K));
         alignas(64) float b[TILE], d[TILE];
         alignas(64) uint32_t keep[TILE];
+        // this thread's blocks under a static schedule: the partition (and so the order of the
+        // float64 sums) that the bits depend on, whichever loop below walks them
+        int64_t lo = 0, hi = 0;
+        bool first = true;
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < nblocks; ++blk) {
+            if (first) lo = blk;
+            first = false;
+            hi = blk + 1;
+        }
+        int64_t blk = lo;
+#if WW_AVX512
+        if (MODE == MODE_RANDOM && norm != 3) {   // whole groups of 16 full blocks, lane-parallel
+            std::vector<Stats16Scratch> s16(1);
+            for (; blk + SG <= hi && (blk + SG) * BLOCK <= n; blk += SG)
+                stats_group16<DT>(in, p, norm, mk, blk, lb.data(), la.data(), s16[0]);
+        }
+#endif
+        for (; blk < hi; ++blk) {
             const int64_t s = blk * BLOCK, e = std::min(n, s + BLOCK);
             mk.start_block(blk);
             std::fill(fb.begin(), fb.end(), 0.f);
